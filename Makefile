@@ -1,0 +1,32 @@
+# `make run` / `make test` work on a fresh machine: they create .venv when missing and install the
+# project (editable, with dev extras) only when pyproject.toml changed since the last install.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dismax-plugin-installed
+
+.PHONY: venv run test lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+	$(PY) -c "import dismax_plugin, timm, pytorch_ood, mlflow, pytest" 
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m dismax_plugin compare
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) benchmarks/head_cost.py
+	$(PY) benchmarks/train_step.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,40 @@
+"""dismax-plugin: IsoMax, IsoMax+ and DisMax isotropic heads, losses and native OOD scores.
+
+The core depends on torch only; the timm, pytorch-ood and MLflow glue lives in
+:mod:`dismax_plugin.adapters` and imports its ecosystem lazily.
+"""
+
+from . import scores
+from .calibration import calibrate_temperature, expected_calibration_error
+from .convert import convert, find_classifier, heads_of
+from .fpr import fpr_mix
+from .heads import HEADS, DisMaxHead, IsoMaxHead, IsoMaxPlusHead, PrototypeHead, create_head
+from .losses import DisMaxLoss, IsoMaxLoss, dismax_loss, isomax_loss
+from .scores import SCORE_NAMES, score
+from .thresholds import DEFAULT_TPRS, compute_thresholds
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_TPRS",
+    "HEADS",
+    "SCORE_NAMES",
+    "DisMaxHead",
+    "DisMaxLoss",
+    "IsoMaxHead",
+    "IsoMaxLoss",
+    "IsoMaxPlusHead",
+    "PrototypeHead",
+    "calibrate_temperature",
+    "compute_thresholds",
+    "convert",
+    "create_head",
+    "dismax_loss",
+    "expected_calibration_error",
+    "find_classifier",
+    "fpr_mix",
+    "heads_of",
+    "isomax_loss",
+    "score",
+    "scores",
+]

@@ -1,0 +1,88 @@
+"""Argument checks shared by the core: each raises a ValueError/TypeError that names the argument."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["check_choice", "check_class_targets", "check_logits", "check_positive", "check_targets"]
+
+
+def check_choice(name: str, value: object, choices) -> str:
+    """Return ``value`` lower-cased if it is one of ``choices``, else raise a ValueError listing them."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, one of {sorted(choices)}; got {type(value).__name__}.")
+    key = value.lower()
+    if key not in choices:
+        raise ValueError(f"Unknown {name} '{value}', expected one of {sorted(choices)}.")
+    return key
+
+
+def check_positive(name: str, value, *, integer: bool = False, minimum: float | None = None) -> None:
+    """Raise unless ``value`` is a finite number > 0 (or >= ``minimum``)."""
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        raise TypeError(f"{name} must be {kind}; got {value!r}.")
+    if minimum is not None:
+        if not value >= minimum:
+            raise ValueError(f"{name} must be >= {minimum}; got {value!r}.")
+    elif not (value > 0 and value != float("inf")):
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}.")
+
+
+def check_logits(logits, name: str = "logits") -> torch.Tensor:
+    """Require a floating tensor of shape [B, C] with C >= 2."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [B, C]; got {type(logits).__name__}.")
+    if logits.ndim != 2 or logits.shape[1] < 2:
+        raise ValueError(f"{name} must have shape [B, C] with C >= 2 classes; got {tuple(logits.shape)}.")
+    if not logits.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor; got {logits.dtype}.")
+    return logits
+
+
+def check_class_targets(targets, batch_size: int, num_classes: int, name: str = "targets") -> torch.Tensor:
+    """Require integer class indices of shape [B] in ``[0, num_classes)``."""
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(targets).__name__}.")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(
+            f"{name} of shape [B] must hold integer class indices (torch.long); got {targets.dtype}. "
+            f"Soft targets must have shape [B, C]."
+        )
+    if targets.ndim != 1:
+        raise ValueError(f"{name} must have shape [B] (class indices); got {tuple(targets.shape)}.")
+    if targets.shape[0] != batch_size:
+        raise ValueError(f"{name} has {targets.shape[0]} entries but the batch has {batch_size}.")
+    if targets.numel():
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(
+                f"{name} must be class indices in [0, {num_classes - 1}]; got values in [{lo}, {hi}]. "
+                f"(Mark OOD samples with a negative label only where the API says so.)"
+            )
+    return targets
+
+
+def check_targets(targets, logits: torch.Tensor, name: str = "targets", atol: float = 1e-3) -> torch.Tensor:
+    """Accept class indices [B] or soft targets [B, C] whose rows are probability distributions."""
+    batch, num_classes = logits.shape
+    if isinstance(targets, torch.Tensor) and targets.ndim == 2:
+        if not targets.is_floating_point():
+            raise TypeError(f"soft {name} of shape [B, C] must be floating point; got {targets.dtype}.")
+        if targets.shape != logits.shape:
+            raise ValueError(
+                f"soft {name} must have the shape of the logits {tuple(logits.shape)}; got {tuple(targets.shape)}."
+            )
+        if targets.numel():
+            if bool((targets < -atol).any()):
+                raise ValueError(f"soft {name} must be non-negative (rows are probability distributions).")
+            sums = targets.detach().float().sum(dim=1)
+            if not torch.allclose(sums, torch.ones_like(sums), atol=atol):
+                worst = float((sums - 1).abs().max())
+                raise ValueError(
+                    f"each row of soft {name} must sum to 1 (a probability distribution); "
+                    f"largest deviation {worst:.3g}."
+                )
+        return targets
+    return check_class_targets(targets, batch, num_classes, name)

@@ -1,0 +1,100 @@
+r"""Calibration: expected calibration error and post-hoc temperature scaling.
+
+DisMax calibrates a temperature :math:`T` after training, on held-out in-distribution data; the head
+then returns :math:`z / T` (see :meth:`PrototypeHead.set_temperature`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_choice, check_class_targets, check_logits, check_positive
+
+__all__ = ["calibrate_temperature", "expected_calibration_error"]
+
+_OBJECTIVES = ("ece", "nll")
+
+
+def _prepare(logits, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    check_logits(logits)
+    check_class_targets(labels, logits.shape[0], logits.shape[1], name="labels")
+    if logits.shape[0] == 0:
+        raise ValueError("logits must hold at least one sample; got an empty batch.")
+    return logits.detach().double().cpu(), labels.detach().cpu()
+
+
+def _ece(z: torch.Tensor, labels: torch.Tensor, n_bins: int) -> float:
+    probabilities = F.softmax(z, dim=1)
+    confidence, predicted = probabilities.max(dim=1)
+    correct = (predicted == labels).double()
+    # Bin m holds confidences in ((m-1)/M, m/M]; confidence is always > 0 for a softmax.
+    bins = (torch.ceil(confidence * n_bins).long() - 1).clamp_(0, n_bins - 1)
+    count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(confidence))
+    conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, confidence)
+    acc_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct)
+    return float((conf_sum - acc_sum).abs().sum() / confidence.numel())
+
+
+def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    r"""Expected calibration error with ``n_bins`` equal-width confidence bins.
+
+    .. math:: \mathrm{ECE} = \sum_{m=1}^{M} \frac{|B_m|}{N}\,\bigl|\mathrm{acc}(B_m) - \mathrm{conf}(B_m)\bigr|
+
+    where the confidence is the maximum softmax probability and :math:`B_m` holds the samples whose
+    confidence lies in :math:`((m-1)/M, m/M]`.
+
+    :param logits: :math:`N \times C`.
+    :param labels: class indices :math:`N`.
+    :return: ECE in [0, 1].
+    """
+    check_positive("n_bins", n_bins, integer=True, minimum=1)
+    z, labels = _prepare(logits, labels)
+    return _ece(z, labels, n_bins)
+
+
+def _nll(z: torch.Tensor, labels: torch.Tensor) -> float:
+    return float(F.cross_entropy(z, labels))
+
+
+def calibrate_temperature(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    objective: str = "ece",
+    n_bins: int = 15,
+    bounds: tuple[float, float] = (0.01, 100.0),
+) -> float:
+    r"""Temperature :math:`T` minimising ``objective`` of :math:`z / T` on held-out data.
+
+    A log-spaced grid over ``bounds`` (241 points) is followed by a finer grid around the best point;
+    ``"nll"`` is convex in :math:`1/T`, ``"ece"`` is piecewise constant, so a grid serves both and
+    the result is deterministic. Ties keep the temperature closest to 1.
+
+    :param logits: :math:`N \times C` as produced by the model (already divided by any current temperature;
+        multiply the current temperature by the result).
+    :param labels: class indices :math:`N`.
+    :param objective: ``"ece"`` (as in the DisMax paper) or ``"nll"``.
+    :return: the temperature, a positive float.
+    """
+    objective = check_choice("objective", objective, _OBJECTIVES)
+    check_positive("n_bins", n_bins, integer=True, minimum=1)
+    low, high = bounds
+    if not 0 < low < high:
+        raise ValueError(f"bounds must be (low, high) with 0 < low < high; got {bounds!r}.")
+    z, labels = _prepare(logits, labels)
+
+    def loss(log_t: float) -> float:
+        scaled = z / math.exp(log_t)
+        return _ece(scaled, labels, n_bins) if objective == "ece" else _nll(scaled, labels)
+
+    def best_of(grid: torch.Tensor) -> float:
+        values = [(loss(float(g)), abs(float(g)), float(g)) for g in grid]
+        return min(values)[2]
+
+    coarse = torch.linspace(math.log(low), math.log(high), 241, dtype=torch.float64)
+    step = float(coarse[1] - coarse[0])
+    best = best_of(coarse)
+    fine = torch.linspace(best - step, best + step, 41, dtype=torch.float64).clamp(math.log(low), math.log(high))
+    return math.exp(best_of(fine))
