@@ -1,0 +1,425 @@
+r"""Benchmarks for pytorch-ood: an offline :class:`DigitsBenchmark` and the standard benchmarks by name.
+
+:func:`create_benchmark` builds ``"digits"`` or one of pytorch-ood's image benchmarks
+(``CIFAR10_ODIN``, ``CIFAR10_OpenOOD``, ``CIFAR100_ODIN``, ``CIFAR100_OpenOOD``, ``ImageNet_OpenOOD``).
+The standard benchmarks are only built from data already on disk: the files pytorch-ood would download
+are checked first and a :class:`FileNotFoundError` names what is missing, so nothing is ever downloaded
+(and no partial download is left behind).
+
+**DigitsBenchmark** needs no network: scikit-learn ships every image it uses.
+
+* In-distribution: the digits 0–5 of :func:`sklearn.datasets.load_digits` (1083 images of
+  :math:`8 \times 8` pixels), split per class with a fixed seed into train 650, validation 108 and
+  test 325 images (10% validation and 30% test per class, rounded).
+* OOD sets (``ood_names``), all labelled ``-1``:
+
+  ==================  =====  ==========================================================
+  name                size   content
+  ==================  =====  ==========================================================
+  ``digits_6_9``      714    the digits 6–9 of the same dataset (near-OOD)
+  ``image_patches``   500    grey crops of ``china.jpg``/``flower.jpg`` from
+                             :func:`sklearn.datasets.load_sample_images` (far-OOD)
+  ``gaussian_noise``  500    pytorch-ood :class:`~pytorch_ood.dataset.img.GaussianNoise`
+  ``uniform_noise``   500    pytorch-ood :class:`~pytorch_ood.dataset.img.UniformNoise`
+  ==================  =====  ==========================================================
+
+  (the last three have ``ood_size`` images). Every OOD image is rendered in the digits' own format
+  (:math:`8 \times 8` grey levels 0–16) and then goes through the same pipeline as the digits, so the
+  sets differ in content, not in resolution, quantisation or colour. The noise sets are drawn once with
+  fixed seeds, so every pass over them sees the same images.
+
+Items are ``(image, label)`` with Python-int labels. The :math:`8 \times 8` image is resized (bilinear)
+to ``image_size`` and given ``channels`` identical channels; without a ``transform`` it becomes a float
+tensor :math:`channels \times image\_size \times image\_size` in :math:`[0, 1]`, otherwise the
+``transform`` receives that PIL image (mode ``"L"`` or ``"RGB"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from pytorch_ood.api import BenchmarkInfo, Paper, Task
+from pytorch_ood.benchmark import Benchmark
+from torch.utils.data import ConcatDataset, Dataset
+
+__all__ = ["BENCHMARK_NAMES", "DigitsBenchmark", "create_benchmark"]
+
+log = logging.getLogger(__name__)
+
+_LEVELS = 16  # the digits have grey levels 0..16
+_SPLIT_SEED = 0
+_VAL_FRACTION = 0.1
+_TEST_FRACTION = 0.3
+_PATCH_SEED, _GAUSSIAN_SEED, _UNIFORM_SEED = 1, 2, 3
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer >= {minimum}; got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}.")
+    return value
+
+
+def _check_transform(transform) -> None:
+    if transform is not None and not callable(transform):
+        raise TypeError(f"transform must be a callable taking a PIL image, or None; got {type(transform).__name__}.")
+
+
+def _to_digit_levels(gray: np.ndarray) -> np.ndarray:
+    """Quantise 0..255 grey values to the digits' 17 levels, back on the 0..255 scale (uint8)."""
+    levels = np.rint(gray.astype(np.float64) * _LEVELS / 255.0)
+    return np.rint(levels * 255.0 / _LEVELS).astype(np.uint8)
+
+
+class _DigitsFormatImages(Dataset):
+    """:math:`8 \\times 8` grey images (uint8) rendered to ``image_size`` and ``channels``."""
+
+    def __init__(self, images: np.ndarray, labels: Sequence[int], image_size: int, channels: int, transform):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels.")
+        self.images = np.ascontiguousarray(images, dtype=np.uint8)
+        self.labels = [int(label) for label in labels]
+        self.image_size = image_size
+        self.channels = channels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def render(self, index: int) -> Image.Image:
+        """The PIL image of item ``index`` (mode ``"L"`` or ``"RGB"``, ``image_size`` square)."""
+        image = Image.fromarray(self.images[index], mode="L")
+        image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
+        return image.convert("RGB") if self.channels == 3 else image
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = self.render(index)
+        if self.transform is not None:
+            return self.transform(image), self.labels[index]
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        tensor = torch.from_numpy(array.copy())
+        tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
+        return tensor, self.labels[index]
+
+
+def _split_indices(targets: np.ndarray, classes: Sequence[int]) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(_SPLIT_SEED)
+    parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    for cls in classes:
+        members = rng.permutation(np.flatnonzero(targets == cls))
+        n_test = int(round(_TEST_FRACTION * len(members)))
+        n_val = int(round(_VAL_FRACTION * len(members)))
+        parts["test"].append(members[:n_test])
+        parts["val"].append(members[n_test : n_test + n_val])
+        parts["train"].append(members[n_test + n_val :])
+    return {name: np.sort(np.concatenate(chunks)) for name, chunks in parts.items()}
+
+
+def _image_patches(count: int) -> np.ndarray:
+    """``count`` random grey crops (16–96 px) of scikit-learn's sample images, reduced to 8x8."""
+    from sklearn.datasets import load_sample_images
+
+    sources = [Image.fromarray(image).convert("L") for image in load_sample_images().images]
+    rng = np.random.default_rng(_PATCH_SEED)
+    patches = np.empty((count, 8, 8), dtype=np.uint8)
+    for i in range(count):
+        source = sources[i % len(sources)]
+        size = int(rng.integers(16, 97))
+        left = int(rng.integers(0, source.width - size + 1))
+        top = int(rng.integers(0, source.height - size + 1))
+        crop = source.crop((left, top, left + size, top + size)).resize((8, 8), Image.BOX)
+        patches[i] = np.asarray(crop)
+    return _to_digit_levels(patches)
+
+
+def _noise(kind: str, count: int) -> np.ndarray:
+    """``count`` images of pytorch-ood's noise dataset ``kind`` at 8x8x1, drawn once."""
+    from pytorch_ood.dataset.img import GaussianNoise, UniformNoise
+
+    if kind == "gaussian":
+        dataset = GaussianNoise(count, size=(8, 8, 1), seed=_GAUSSIAN_SEED)
+    else:
+        dataset = UniformNoise(count, size=(8, 8, 1), seed=_UNIFORM_SEED)
+    images = np.stack([np.asarray(dataset[i][0], dtype=np.uint8) for i in range(count)])
+    return _to_digit_levels(images)
+
+
+class DigitsBenchmark(Benchmark):
+    """Offline OOD benchmark on scikit-learn's bundled digits (see the module documentation for the sets).
+
+    In-distribution: digits 0–5 (train 650, validation 108, test 325). ``ood_names`` are
+    ``digits_6_9`` (714), ``image_patches``, ``gaussian_noise`` and ``uniform_noise`` (``ood_size`` each,
+    500 by default). OOD labels are ``-1``.
+
+    .. code-block:: python
+
+        benchmark = DigitsBenchmark()
+        model = timm.create_model("resnet10t", num_classes=DigitsBenchmark.num_classes)
+        results = benchmark.evaluate(DisMaxDetector(model.eval()), loader_kwargs={"batch_size": 256})
+    """
+
+    info = BenchmarkInfo(
+        # No publication defines this protocol; the record names the source of the in-distribution data.
+        paper=Paper(
+            title="Optical Recognition of Handwritten Digits",
+            venue="UCI Machine Learning Repository",
+            year=1998,
+            url="https://archive.ics.uci.edu/ml/datasets/Optical+Recognition+of+Handwritten+Digits",
+        ),
+        tasks={Task.CLASSIFICATION},
+    )
+
+    #: number of in-distribution classes (digits 0–5)
+    num_classes: int = 6
+    #: names of the in-distribution classes, index = label
+    class_names: tuple[str, ...] = ("0", "1", "2", "3", "4", "5")
+
+    def __init__(
+        self,
+        root: str | os.PathLike | None = None,
+        transform: Callable | None = None,
+        image_size: int = 32,
+        channels: int = 3,
+        *,
+        ood_size: int = 500,
+    ):
+        """
+        :param root: unused (scikit-learn ships the data); accepted for the signature of the other benchmarks
+        :param transform: callable applied to each PIL image (mode ``"L"`` or ``"RGB"``, ``image_size`` square);
+            ``None`` gives float tensors :math:`channels \\times image\\_size \\times image\\_size` in :math:`[0, 1]`
+        :param image_size: side of the square images, at least 8
+        :param channels: 1 (grey) or 3 (the grey value repeated, as RGB models expect)
+        :param ood_size: number of images of each synthetic or patch OOD set
+        :raises TypeError/ValueError: for a bad ``transform``, ``image_size``, ``channels`` or ``ood_size``
+        """
+        from sklearn.datasets import load_digits
+
+        _check_transform(transform)
+        _check_int("image_size", image_size, 8)
+        if channels not in (1, 3) or isinstance(channels, bool):
+            raise ValueError(f"channels must be 1 or 3; got {channels!r}.")
+        _check_int("ood_size", ood_size, 1)
+        self.root = root
+        self.transform = transform
+        self.image_size = image_size
+        self.channels = channels
+
+        digits = load_digits()
+        targets = digits.target.astype(np.int64)
+        images = np.rint(digits.images * 255.0 / _LEVELS).astype(np.uint8)
+
+        #: indices into ``sklearn.datasets.load_digits()`` of the in-distribution splits
+        self.indices: dict[str, np.ndarray] = _split_indices(targets, range(self.num_classes))
+
+        def make(array: np.ndarray, labels) -> _DigitsFormatImages:
+            return _DigitsFormatImages(array, labels, image_size, channels, transform)
+
+        self.train_in = make(images[self.indices["train"]], targets[self.indices["train"]])
+        self.val_in = make(images[self.indices["val"]], targets[self.indices["val"]])
+        self.test_in = make(images[self.indices["test"]], targets[self.indices["test"]])
+
+        near = targets >= self.num_classes
+        self.test_oods: list[Dataset] = [
+            make(images[near], [-1] * int(near.sum())),
+            make(_image_patches(ood_size), [-1] * ood_size),
+            make(_noise("gaussian", ood_size), [-1] * ood_size),
+            make(_noise("uniform", ood_size), [-1] * ood_size),
+        ]
+        #: OOD dataset names, in the order of :meth:`test_sets`
+        self.ood_names: list[str] = ["digits_6_9", "image_patches", "gaussian_noise", "uniform_noise"]
+        log.debug(
+            "DigitsBenchmark: train %d, val %d, test %d, OOD %s",
+            len(self.train_in),
+            len(self.val_in),
+            len(self.test_in),
+            {n: len(d) for n, d in zip(self.ood_names, self.test_oods)},
+        )
+
+    def train_set(self) -> Dataset:
+        """In-distribution training set (650 images of the digits 0–5)."""
+        return self.train_in
+
+    def val_set(self) -> Dataset:
+        """Held-out in-distribution set (108 images), disjoint from train and test: for temperature
+        calibration and OOD thresholds."""
+        return self.val_in
+
+    def test_sets(self, known: bool = True, unknown: bool = True) -> list[Dataset]:
+        """
+        :param known: include the in-distribution test set (325 images)
+        :param unknown: include the OOD sets
+        :return: with ``known`` and ``unknown``, one dataset per entry of ``ood_names`` that combines the ID
+            test set with that OOD set; with ``unknown`` only, the OOD sets in the order of ``ood_names``;
+            with ``known`` only, the ID test set, once. OOD samples are labelled ``-1``.
+        :raises ValueError: if both ``known`` and ``unknown`` are false
+        """
+        if known and unknown:
+            return [ConcatDataset([self.test_in, other]) for other in self.test_oods]
+        if known:
+            return [self.test_in]
+        if unknown:
+            return list(self.test_oods)
+        raise ValueError("At least one of `known` or `unknown` must be True")
+
+
+# -------------------------------------------------------------------- standard benchmarks
+def _default_transform(image_size: int, channels: int):
+    from pytorch_ood.utils import ToRGB
+    from torchvision import transforms
+
+    colour = ToRGB() if channels == 3 else transforms.Grayscale(num_output_channels=1)
+    return transforms.Compose([colour, transforms.Resize((image_size, image_size)), transforms.ToTensor()])
+
+
+def _missing_error(name: str, root: str, missing: list[str], expected: str) -> FileNotFoundError:
+    shown = "\n  ".join(missing[:10]) + ("\n  ..." if len(missing) > 10 else "")
+    return FileNotFoundError(
+        f"Benchmark '{name}' needs data that is not on disk under root={root!r}; nothing is downloaded. "
+        f"Missing or incomplete:\n  {shown}\nExpected: {expected}"
+    )
+
+
+def _odin_missing(root: str, cifar) -> list[str]:
+    from pytorch_ood.dataset.img import LSUNCrop, LSUNResize, TinyImageNetCrop, TinyImageNetResize
+    from torchvision.datasets.utils import check_integrity
+
+    missing = []
+    folder = os.path.join(root, cifar.base_folder)
+    for filename, md5 in [*cifar.train_list, *cifar.test_list, (cifar.meta["filename"], cifar.meta["md5"])]:
+        path = os.path.join(folder, filename)
+        if not check_integrity(path, md5):
+            missing.append(path)
+    for dataset in (TinyImageNetCrop, TinyImageNetResize, LSUNResize, LSUNCrop):
+        archive = os.path.join(root, dataset.filename)
+        if not check_integrity(archive, dataset.tgz_md5):
+            missing.append(archive)
+        extracted = os.path.join(root, dataset.base_folder)
+        if not (os.path.isdir(extracted) and os.listdir(extracted)):
+            missing.append(extracted + os.sep)
+    return missing
+
+
+def _openood_missing(root: str, cls, image_net_root: str | None = None) -> list[str]:
+    imglists = os.path.join(torch.hub.get_dir(), "openood_benchmark_imglist", "benchmark_imglist", cls._subdir)
+    files = [cls._train_imglist, cls._val_id_imglist, cls._test_id_imglist, cls._val_ood_imglist]
+    files += [fname for _, fname in cls._ood_imglists]
+    missing = [os.path.join(imglists, f) for f in files if not os.path.isfile(os.path.join(imglists, f))]
+    for folder in cls._download_names:
+        path = os.path.join(root, folder)
+        if not (os.path.isdir(path) and os.listdir(path)):
+            missing.append(path + os.sep)
+    if cls.__name__.startswith("ImageNet"):
+        train = os.path.join(image_net_root, "train") if image_net_root else os.path.join(root, "imagenet_1k", "train")
+        for path in (train, os.path.join(root, "imagenet_1k", "val")):
+            if not os.path.isdir(path):
+                missing.append(path + os.sep)
+    return missing
+
+
+def _build_odin(name: str, root: str, transform, **kwargs) -> Benchmark:
+    from pytorch_ood import benchmark as bm
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    if kwargs:
+        raise TypeError(f"Benchmark '{name}' takes no extra options; got {sorted(kwargs)}.")
+    cls, cifar = (bm.CIFAR10_ODIN, CIFAR10) if "10_" in name else (bm.CIFAR100_ODIN, CIFAR100)
+    missing = _odin_missing(root, cifar)
+    if missing:
+        raise _missing_error(
+            cls.__name__,
+            root,
+            missing,
+            f"torchvision's {cifar.__name__} files in <root>/{cifar.base_folder}/ and the ODIN OOD archives "
+            "(Imagenet.tar.gz, Imagenet_resize.tar.gz, LSUN.tar.gz, LSUN_resize.tar.gz) in <root>, each "
+            "also extracted there; download them on a machine with internet "
+            f"(e.g. pytorch_ood.benchmark.{cls.__name__}(root, transform)) and copy <root> here.",
+        )
+    return cls(root, transform)
+
+
+def _build_openood(name: str, root: str, transform, **kwargs) -> Benchmark:
+    from pytorch_ood import benchmark as bm
+
+    classes = {
+        "cifar10_openood": bm.CIFAR10_OpenOOD,
+        "cifar100_openood": bm.CIFAR100_OpenOOD,
+        "imagenet_openood": bm.ImageNet_OpenOOD,
+    }
+    cls = classes[name]
+    allowed = {"image_net_root"} if name == "imagenet_openood" else set()
+    if set(kwargs) - allowed:
+        raise TypeError(f"Benchmark '{cls.__name__}' accepts only {sorted(allowed)}; got {sorted(kwargs)}.")
+    missing = _openood_missing(root, cls, kwargs.get("image_net_root"))
+    if missing:
+        expected = (
+            "OpenOOD's benchmark_imglist/ under <torch.hub dir>/openood_benchmark_imglist/ and the OpenOOD "
+            f"image folders {list(cls._download_names)} under <root>"
+        )
+        if name == "imagenet_openood":
+            expected += ", plus ImageNet-1K (<root>/imagenet_1k/val and the train folder from image_net_root)"
+        raise _missing_error(cls.__name__, root, missing, expected + ".")
+    return cls(root, transform, download=False, **kwargs)
+
+
+_STANDARD = {
+    "cifar10_odin": ("CIFAR10_ODIN", _build_odin),
+    "cifar10_openood": ("CIFAR10_OpenOOD", _build_openood),
+    "cifar100_odin": ("CIFAR100_ODIN", _build_odin),
+    "cifar100_openood": ("CIFAR100_OpenOOD", _build_openood),
+    "imagenet_openood": ("ImageNet_OpenOOD", _build_openood),
+}
+
+#: names accepted by :func:`create_benchmark` (case-insensitive)
+BENCHMARK_NAMES: tuple[str, ...] = ("digits", *(display for display, _ in _STANDARD.values()))
+
+
+def create_benchmark(
+    name: str,
+    root: str | os.PathLike | None = None,
+    transform: Callable | None = None,
+    image_size: int = 32,
+    channels: int = 3,
+    **options,
+) -> Benchmark:
+    """Build a benchmark by name.
+
+    :param name: ``"digits"`` or a standard pytorch-ood benchmark: ``"CIFAR10_ODIN"``, ``"CIFAR10_OpenOOD"``,
+        ``"CIFAR100_ODIN"``, ``"CIFAR100_OpenOOD"``, ``"ImageNet_OpenOOD"`` (case-insensitive)
+    :param root: data directory; required for the standard benchmarks, unused for ``"digits"``
+    :param transform: callable applied to each PIL image. ``None``: for ``"digits"`` see
+        :class:`DigitsBenchmark`; for the standard benchmarks, convert to ``channels`` channels, resize to
+        ``image_size`` and convert to a float tensor in :math:`[0, 1]` (no normalisation)
+    :param image_size: side of the square images produced without a ``transform``
+    :param channels: 1 or 3, for images produced without a ``transform``
+    :param options: passed on: ``ood_size`` for ``"digits"``, ``image_net_root`` for ``"ImageNet_OpenOOD"``
+    :return: the benchmark
+    :raises ValueError: for an unknown name (the message lists :data:`BENCHMARK_NAMES`) or a missing ``root``
+    :raises FileNotFoundError: when the data of a standard benchmark is not on disk (checked before anything is
+        constructed, so nothing is downloaded); the message names the missing paths and the expected layout
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a string, one of {list(BENCHMARK_NAMES)}; got {type(name).__name__}.")
+    key = name.strip().lower()
+    if key == "digits":
+        return DigitsBenchmark(root, transform, image_size, channels, **options)
+    if key not in _STANDARD:
+        raise ValueError(f"Unknown benchmark '{name}', expected one of {list(BENCHMARK_NAMES)}.")
+    display, build = _STANDARD[key]
+    if root is None:
+        raise ValueError(f"root is required for benchmark '{display}': the directory that holds its data.")
+    _check_transform(transform)
+    _check_int("image_size", image_size, 1)
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise ValueError(f"channels must be 1 or 3; got {channels!r}.")
+    root = os.fspath(root)
+    if transform is None:
+        transform = _default_transform(image_size, channels)
+    log.info("Building benchmark %s from %s", display, root)
+    return build(key, root, transform, **options)

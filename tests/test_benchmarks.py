@@ -1,0 +1,211 @@
+"""DigitsBenchmark (offline) and create_benchmark, including the fail-fast path of the standard benchmarks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+from dismax_plugin.adapters.benchmarks import BENCHMARK_NAMES, DigitsBenchmark, create_benchmark
+from PIL import Image
+from pytorch_ood.benchmark import Benchmark
+from sklearn.datasets import load_digits
+from torch.utils.data import DataLoader
+
+STANDARD = ("CIFAR10_ODIN", "CIFAR10_OpenOOD", "CIFAR100_ODIN", "CIFAR100_OpenOOD", "ImageNet_OpenOOD")
+
+
+@pytest.fixture(scope="module")
+def bench() -> DigitsBenchmark:
+    return DigitsBenchmark()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+def test_split_sizes_are_the_documented_ones(bench, digits):
+    assert isinstance(bench, Benchmark)
+    assert (len(bench.train_set()), len(bench.val_set()), len(bench.test_sets(unknown=False)[0])) == (650, 108, 325)
+    assert bench.ood_names == ["digits_6_9", "image_patches", "gaussian_noise", "uniform_noise"]
+    assert [len(d) for d in bench.test_sets(known=False)] == [714, 500, 500, 500]
+    assert int((digits.target >= 6).sum()) == 714
+    combined = bench.test_sets()
+    assert len(combined) == len(bench.ood_names)
+    assert [len(d) for d in combined] == [325 + 714, 825, 825, 825]
+    with pytest.raises(ValueError, match="known"):
+        bench.test_sets(known=False, unknown=False)
+
+
+def test_splits_are_disjoint_stratified_and_cover_digits_0_to_5(bench, digits):
+    train, val, test = (set(bench.indices[k].tolist()) for k in ("train", "val", "test"))
+    assert not (train & val) and not (train & test) and not (val & test)
+    assert train | val | test == set(np.flatnonzero(digits.target < 6).tolist())
+    for name, size in (("val", 0.1), ("test", 0.3)):
+        counts = np.bincount(digits.target[bench.indices[name]], minlength=6)
+        expected = np.rint(size * np.bincount(digits.target)[:6])
+        np.testing.assert_array_equal(counts, expected)
+    assert DigitsBenchmark().indices["test"].tolist() == bench.indices["test"].tolist()  # fixed split
+
+
+def test_labels_are_python_ints(bench, digits):
+    train = bench.train_set()
+    labels = [train[i][1] for i in range(len(train))]
+    assert all(type(y) is int for y in labels)
+    assert labels == digits.target[bench.indices["train"]].tolist()
+    val_labels = [bench.val_set()[i][1] for i in range(len(bench.val_set()))]
+    assert set(val_labels) == set(range(6)) == set(range(DigitsBenchmark.num_classes))
+    assert DigitsBenchmark.class_names == ("0", "1", "2", "3", "4", "5")
+    for ood in bench.test_sets(known=False):
+        assert {type(ood[i][1]) for i in (0, len(ood) - 1)} == {int}
+        assert {ood[i][1] for i in range(0, len(ood), 37)} == {-1}
+
+
+def test_default_items_are_unit_range_tensors(bench, digits):
+    x, y = bench.train_set()[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])  # grey repeated over channels
+    # the 8x8 source is recovered by averaging 4x4 blocks of the (bilinear) upsampled image
+    source = digits.images[bench.indices["train"][0]] / 16.0
+    assert np.corrcoef(x[0].reshape(8, 4, 8, 4).mean(dim=(1, 3)).numpy().ravel(), source.ravel())[0, 1] > 0.9
+    small = DigitsBenchmark(image_size=64, channels=1, ood_size=3)
+    for dataset in (small.train_set(), small.val_set(), *small.test_sets(known=False)):
+        x, _ = dataset[0]
+        assert x.shape == (1, 64, 64) and 0.0 <= float(x.min()) <= float(x.max()) <= 1.0
+
+
+def test_transform_receives_pil_images():
+    seen = []
+
+    def transform(image):
+        seen.append((type(image), image.mode, image.size))
+        return torch.zeros(1)
+
+    small = DigitsBenchmark(transform=transform, image_size=40, ood_size=2)
+    x, y = small.train_set()[0]
+    assert torch.equal(x, torch.zeros(1)) and type(y) is int
+    small.test_sets()[3][-1]
+    assert seen and all(issubclass(kind, Image.Image) for kind, _, _ in seen)
+    assert {s[1:] for s in seen} == {("RGB", (40, 40))}
+    grey = DigitsBenchmark(transform=lambda im: im, channels=1, image_size=16, ood_size=2)
+    image, _ = grey.val_set()[0]
+    assert isinstance(image, Image.Image) and image.mode == "L" and image.size == (16, 16)
+
+
+def test_ood_sets_are_fixed_and_differ_from_each_other(bench):
+    again = DigitsBenchmark()
+    first = [ds[5][0] for ds in bench.test_sets(known=False)]
+    assert all(torch.equal(a, ds[5][0]) for a, ds in zip(first, bench.test_sets(known=False)))  # same each pass
+    assert all(torch.equal(a, ds[5][0]) for a, ds in zip(first, again.test_sets(known=False)))  # same each build
+    gaussian, uniform = bench.test_sets(known=False)[2:]
+    assert not torch.equal(gaussian[0][0], uniform[0][0])
+    patches = bench.test_sets(known=False)[1]
+    assert len({tuple(patches[i][0][0, ::4, ::4].flatten().tolist()) for i in range(20)}) == 20
+
+
+def test_default_collate_on_mixed_id_and_ood(bench):
+    loader = DataLoader(bench.test_sets()[0], batch_size=400, shuffle=False)
+    batches = list(loader)
+    x, y = batches[0]
+    assert x.shape == (400, 3, 32, 32) and y.dtype == torch.long
+    labels = torch.cat([b[1] for b in batches])
+    assert int((labels >= 0).sum()) == 325 and int((labels < 0).sum()) == 714
+
+
+def test_bad_arguments_name_the_argument():
+    with pytest.raises(ValueError, match="channels"):
+        DigitsBenchmark(channels=2)
+    with pytest.raises(ValueError, match="image_size"):
+        DigitsBenchmark(image_size=4)
+    with pytest.raises(TypeError, match="image_size"):
+        DigitsBenchmark(image_size=32.0)
+    with pytest.raises(TypeError, match="transform"):
+        DigitsBenchmark(transform="resize")
+    with pytest.raises(ValueError, match="ood_size"):
+        DigitsBenchmark(ood_size=0)
+
+
+# -------------------------------------------------------------------- create_benchmark
+def test_create_benchmark_by_name():
+    assert BENCHMARK_NAMES == ("digits", *STANDARD)
+    digits = create_benchmark("DiGiTs", image_size=48, channels=1, ood_size=5)
+    assert isinstance(digits, DigitsBenchmark)
+    assert digits.train_set()[0][0].shape == (1, 48, 48) and len(digits.test_sets(known=False)[3]) == 5
+    with pytest.raises(ValueError) as error:
+        create_benchmark("svhn")
+    assert all(name in str(error.value) for name in BENCHMARK_NAMES)
+    with pytest.raises(TypeError, match="name"):
+        create_benchmark(None)
+    with pytest.raises(ValueError, match="root"):
+        create_benchmark("cifar10_odin")
+
+
+@pytest.fixture()
+def offline(monkeypatch, tmp_path):
+    """No network (any connection attempt fails loudly) and a private torch.hub dir."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a network connection was attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield tmp_path
+    torch.hub.set_dir(previous)
+
+
+@pytest.mark.parametrize("name", STANDARD)
+def test_standard_benchmark_without_data_fails_fast(offline, name):
+    root = offline / "data"
+    root.mkdir()
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError) as error:
+        create_benchmark(name.lower(), root=root)
+    assert time.perf_counter() - start < 10.0
+    message = str(error.value)
+    assert name in message and str(root) in message and "Expected" in message
+    assert os.listdir(root) == []  # nothing written, no partial download
+    assert not (offline / "hub").exists()
+
+
+def test_incomplete_cifar_is_reported_file_by_file(offline):
+    root = offline / "data"
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    (folder / "data_batch_1").write_bytes(b"truncated")
+    with pytest.raises(FileNotFoundError) as error:
+        create_benchmark("CIFAR10_ODIN", root=root)
+    message = str(error.value)
+    assert str(folder / "data_batch_1") in message and str(folder / "test_batch") in message
+    assert "Imagenet.tar.gz" in message
+    assert sorted(os.listdir(folder)) == ["data_batch_1"]
+
+
+def test_openood_benchmark_builds_from_data_on_disk(offline):
+    """A minimal OpenOOD layout on disk is enough: the benchmark is built without any download."""
+    from pytorch_ood.benchmark import CIFAR10_OpenOOD
+
+    root = offline / "data"
+    for folder in CIFAR10_OpenOOD._download_names:
+        (root / folder).mkdir(parents=True)
+        Image.new("L" if folder == "mnist" else "RGB", (28, 28), color=90).save(root / folder / "a.png")
+    imglists = offline / "hub" / "openood_benchmark_imglist" / "benchmark_imglist" / "cifar10"
+    imglists.mkdir(parents=True)
+    for fname in (CIFAR10_OpenOOD._train_imglist, CIFAR10_OpenOOD._val_id_imglist, CIFAR10_OpenOOD._test_id_imglist):
+        (imglists / fname).write_text("cifar10/a.png 3\n")
+    for fname in [CIFAR10_OpenOOD._val_ood_imglist] + [f for _, f in CIFAR10_OpenOOD._ood_imglists]:
+        (imglists / fname).write_text("mnist/a.png -1\n")
+
+    benchmark = create_benchmark("cifar10_openood", root=root, image_size=24)
+    assert isinstance(benchmark, CIFAR10_OpenOOD)
+    assert benchmark.ood_names == [name for name, _ in CIFAR10_OpenOOD._ood_imglists]
+    x, y = benchmark.train_set()[0]
+    assert x.shape == (3, 24, 24) and y == 3
+    x, y = benchmark.test_sets(known=False)[2][0]  # grey MNIST image made RGB
+    assert x.shape == (3, 24, 24) and y == -1
