@@ -1,0 +1,134 @@
+"""The ``dismax`` command end to end on the embedded digits data, and its answers to bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dismax_plugin.cli import main
+
+TINY = ["--model", "test_resnet", "--epochs", "1", "--batch-size", "32", "--max-train-samples", "64", "--no-track"]
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One tiny `dismax train` run shared by the tests that read its outputs."""
+    out = tmp_path_factory.mktemp("run") / "dismax"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dismax_plugin", "train", *TINY, "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_train_writes_checkpoint_model_and_prints_table(trained_run):
+    out, stdout = trained_run
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 0
+    assert ckpt["config"]["model"] == "test_resnet" and ckpt["config"]["head"] == "dismax"
+    assert {"model", "optimizer", "scheduler", "rng", "history"} <= set(ckpt)
+    assert (out / "model" / "model.safetensors").is_file()
+    # the evaluation table names every OOD set of the digits benchmark and every native score
+    for name in ("mmles", "mps", "es", "mds", "mmls", "mean", "AUROC", "FPR95-ID"):
+        assert name in stdout
+    assert "calibration: temperature" in stdout
+
+
+def test_saved_model_is_calibrated_and_flags_ood(trained_run):
+    from dismax_plugin.adapters import timm as dtimm
+
+    out, _ = trained_run
+    model = dtimm.load_model(str(out / "model"))
+    head = dtimm.get_head(model)
+    assert head.stored_score == "mmles"
+    assert set(head.stored_thresholds) == {0.9, 0.95, 0.99}
+    assert float(head.temperature) > 0
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        flags = head.is_ood(model(x), tpr=0.95)
+    assert flags.dtype == torch.bool and flags.shape == (4,)
+
+
+def test_evaluate_and_calibrate_commands(trained_run, capsys):
+    out, _ = trained_run
+    code, stdout, _ = _run(["evaluate", "--checkpoint", str(out), "--data", "digits", "--no-track"], capsys)
+    assert code == 0
+    assert "mmles" in stdout and "AUROC" in stdout
+    code, stdout, _ = _run(["calibrate", "--checkpoint", str(out), "--data", "digits", "--calibration", "nll"], capsys)
+    assert code == 0 and "temperature" in stdout
+    from dismax_plugin.adapters import timm as dtimm
+
+    model = dtimm.load_model(str(out / "model"))
+    assert dtimm.get_head(model).stored_score == "mmles"
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["train", "--model", "no_such_net_xyz"], "--model"),
+        (["train", "--data", "no_such_dataset"], "--data"),
+        (["train", "--optimizer", "sgdx"], "--optimizer"),
+        (["train", "--epochs", "0"], "--epochs"),
+        (["train", "--data-root", "/nonexistent/root"], "--data-root"),
+        (["train", "--data", "/nonexistent/folder/"], "--data"),
+        (["train", "--data", "cifar10_odin", "--data-root", "{tmp}"], "--data"),
+        (["train", "--output", "/etc/hostname/run"], "--output"),
+        (["train", "--pretrained-file", "/nonexistent.pth"], "--pretrained-file"),
+        (["evaluate", "--checkpoint", "/nonexistent/model", "--no-track"], "--checkpoint"),
+        (["train", "--resume", "--output", "{tmp}/empty"], "--resume"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(argv, needle, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if argv[0] == "train":
+        argv = argv + ["--model", "test_resnet", "--no-track"] if "--model" not in argv else argv + ["--no-track"]
+        if "--output" not in argv:
+            argv += ["--output", str(tmp_path / "out")]
+    code, _, err = _run(argv, capsys)
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1, err
+    assert needle in lines[0] and "Traceback" not in err
+
+
+def test_unknown_head_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--head", "cosine", "--no-track"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and "--head" in err[0]
+
+
+def test_resume_with_another_architecture_is_refused(trained_run, capsys, tmp_path):
+    out, _ = trained_run
+    code, _, err = _run(["train", *TINY[2:], "--model", "test_vit", "--resume", "--output", str(out)], capsys)
+    assert code == 2 and "--model" in err and "test_resnet" in err
+
+
+def test_existing_run_is_not_overwritten_silently(trained_run, capsys):
+    out, _ = trained_run
+    code, _, err = _run(["train", *TINY, "--output", str(out)], capsys)
+    assert code == 2 and "--resume" in err
+
+
+def test_help_does_not_import_heavy_libraries():
+    code = (
+        "import sys, runpy\n"
+        "sys.argv = ['dismax', '--help']\n"
+        "try:\n    runpy.run_module('dismax_plugin', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('mlflow', 'timm', 'pytorch_ood') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
