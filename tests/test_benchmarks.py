@@ -9,11 +9,12 @@ import time
 import numpy as np
 import pytest
 import torch
-from dismax_plugin.adapters.benchmarks import BENCHMARK_NAMES, DigitsBenchmark, create_benchmark
 from PIL import Image
 from pytorch_ood.benchmark import Benchmark
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
+
+from dismax_plugin.adapters.benchmarks import BENCHMARK_NAMES, DigitsBenchmark, create_benchmark
 
 STANDARD = ("CIFAR10_ODIN", "CIFAR10_OpenOOD", "CIFAR100_ODIN", "CIFAR100_OpenOOD", "ImageNet_OpenOOD")
 

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import timm
 import torch
-from dismax_plugin.adapters.benchmarks import DigitsBenchmark
-from dismax_plugin.adapters.compare import DETECTOR_NAMES, METRIC_KEYS, compare, format_table
-from dismax_plugin.adapters.pytorch_ood import DisMaxLoss
 from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 import dismax_plugin as dp
+from dismax_plugin.adapters.benchmarks import DigitsBenchmark
+from dismax_plugin.adapters.compare import DETECTOR_NAMES, METRIC_KEYS, compare, format_table
+from dismax_plugin.adapters.pytorch_ood import DisMaxLoss
 
 REQUIRED = {"Model", "Method", "Dataset", *METRIC_KEYS, "ACC", "ECE", "fit_s", "images_per_s"}
 BATCH = 256

@@ -8,19 +8,6 @@ import warnings
 import pytest
 import timm
 import torch
-from dismax_plugin.adapters import benchmarks as adapter_benchmarks
-from dismax_plugin.adapters import pytorch_ood as adapter
-from dismax_plugin.adapters.benchmarks import DigitsBenchmark
-from dismax_plugin.adapters.pytorch_ood import (
-    DISMAX_PAPER,
-    ISOMAX_PAPER,
-    ISOMAX_PLUS_PAPER,
-    PAPER_AUTHORS,
-    DisMaxDetector,
-    DisMaxLoss,
-    IsoMaxLoss,
-    IsoMaxPlusLoss,
-)
 from pytorch_ood.api import (
     BenchmarkInfo,
     DetectorInfo,
@@ -38,6 +25,19 @@ from torch.utils.data import ConcatDataset, DataLoader, Subset
 import dismax_plugin as dp
 from dismax_plugin import losses as core_losses
 from dismax_plugin import scores as core_scores
+from dismax_plugin.adapters import benchmarks as adapter_benchmarks
+from dismax_plugin.adapters import pytorch_ood as adapter
+from dismax_plugin.adapters.benchmarks import DigitsBenchmark
+from dismax_plugin.adapters.pytorch_ood import (
+    DISMAX_PAPER,
+    ISOMAX_PAPER,
+    ISOMAX_PLUS_PAPER,
+    PAPER_AUTHORS,
+    DisMaxDetector,
+    DisMaxLoss,
+    IsoMaxLoss,
+    IsoMaxPlusLoss,
+)
 
 LOSSES = (IsoMaxLoss, IsoMaxPlusLoss, DisMaxLoss)
 

@@ -1,0 +1,137 @@
+"""Shared pytest fixtures.
+
+MLflow: :class:`MlflowServer` runs a real ``mlflow server`` (sqlite store, local artifact root) on
+127.0.0.1 in its own process group. The session fixture ``mlflow_server`` starts one for the whole
+session (~15 s) and gives its URI (``mlflow_server_process`` gives the server itself, for a test that
+stops and restarts it); ``mlflow_server_factory`` makes more on demand. Every server is stopped by the
+test session.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 with a sqlite store under ``root``; restartable on its port.
+
+    ``start()`` launches it without waiting; ``wait()`` blocks until ``/health`` answers; ``stop()`` kills the
+    whole process group (the uvicorn workers too) with SIGKILL and waits until the port is closed.
+    """
+
+    def __init__(self, root: Path, port: int | None = None):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.db_uri = f"sqlite:///{self.root / 'mlflow.db'}"
+        self.process: subprocess.Popen | None = None
+        self._log = None
+
+    def start(self) -> MlflowServer:
+        if self.process is not None and self.process.poll() is None:
+            return self
+        mlflow_bin = Path(sys.executable).parent / "mlflow"
+        command = [
+            str(mlflow_bin), "server",
+            "--backend-store-uri", self.db_uri,
+            "--default-artifact-root", str(self.root / "artifacts"),
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--workers", "1",
+        ]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env["MLFLOW_DISABLE_TELEMETRY"] = "true"  # nothing leaves this machine
+        self._log = open(self.root / "server.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.root, start_new_session=True
+        )
+        return self
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.uri + "/health", timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def wait(self, timeout: float = 60.0) -> MlflowServer:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.healthy():
+                return self
+            if self.process is None or self.process.poll() is not None:
+                break
+            time.sleep(0.25)
+        log = (self.root / "server.log").read_text(errors="replace")[-3000:]
+        self.stop()
+        raise RuntimeError(f"mlflow server on port {self.port} did not become healthy in {timeout} s:\n{log}")
+
+    def stop(self) -> None:
+        """Kill the server's process group at once (as a crash would) and wait until the port is closed."""
+        if self.process is not None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL does not time out in practice
+                pass
+            self.process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self.healthy():
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_process(tmp_path_factory):
+    """The session's :class:`MlflowServer` (started, healthy). A test that stops it must restart it."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server")).start()
+    try:
+        server.wait(90)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_server_process):
+    """URI of a real MLflow server (sqlite store, local artifacts) shared by the session."""
+    return mlflow_server_process.uri
+
+
+@pytest.fixture
+def mlflow_server_factory(tmp_path):
+    """``make(name) -> MlflowServer`` (not started) for tests that stop/restart servers; all are stopped after."""
+    servers: list[MlflowServer] = []
+
+    def make(name: str = "server", port: int | None = None) -> MlflowServer:
+        server = MlflowServer(tmp_path / name, port)
+        servers.append(server)
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in servers:
+            server.stop()

@@ -1,0 +1,447 @@
+"""MlflowTracker against a real ``mlflow server`` (no mocks): logging, nested runs, the pyfunc model loaded in a
+fresh process, outages (queue + retry, local fallback store) and bad tracking URIs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dismax_plugin as dp
+from dismax_plugin.adapters import figures
+from dismax_plugin.adapters import timm as dtimm
+from dismax_plugin.adapters.mlflow import (
+    MlflowTracker,
+    TrackingUnavailableWarning,
+    TrackingURIError,
+    check_tracking_uri,
+    preprocess_images,
+)
+
+PREP = {"input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bilinear",
+        "crop_pct": 1.0}  # fmt: skip
+CLASSES = ["zero", "one", "two"]
+
+
+def _client(uri):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def _train(tracker, epochs=2, seed=0, after_epoch=None):
+    """A tiny real training loop (test_resnet + DisMax head, random 32 px data) logged through ``tracker``."""
+    torch.manual_seed(seed)
+    model = dtimm.create_model("test_resnet", head="dismax", num_classes=3)
+    x = (torch.rand(24, 3, 32, 32) - 0.5) / 0.25
+    y = torch.arange(24) % 3
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    tracker.log_params({"model": "test_resnet", "head": "dismax", "optimizer": {"name": "sgd", "lr": 0.05}})
+    history = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        logits = model(x)
+        loss = dp.dismax_loss(logits, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        metrics = {"train_loss": loss.item(), "train_acc": float((logits.argmax(1) == y).double().mean())}
+        tracker.log_metrics(metrics, step=epoch)
+        history.append(metrics)
+        if after_epoch is not None:
+            after_epoch(epoch)
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+    head = dtimm.get_head(model)
+    head.set_thresholds(dp.compute_thresholds(dp.score(logits, "mmles")), "mmles")
+    return model, x, y, logits, history
+
+
+def _metric_steps(client, run_id, key):
+    return [(m.step, round(m.value, 6)) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+# ----------------------------------------------------------------------------------------------- full flow
+_LOADER = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import mlflow
+
+    uri, torch_uri, out = sys.argv[1:4]
+    torch_model = mlflow.pytorch.load_model(torch_uri)
+    model = mlflow.pyfunc.load_model(uri)
+    import dismax_plugin
+    images = np.load(sys.argv[4])
+    inputs = {
+        "nhwc_uint8": images,
+        "nchw_uint8": np.ascontiguousarray(images.transpose(0, 3, 1, 2)),
+        "nhwc_float": images / 255.0,
+        "nhw_gray": images[..., 0],
+    }
+    result = {"origin": dismax_plugin.__file__, "columns": None, "predictions": {}}
+    for name, batch in inputs.items():
+        frame = model.predict(batch)
+        result["columns"] = list(frame.columns)
+        result["dtypes"] = {c: str(t) for c, t in frame.dtypes.items()}
+        result["predictions"][name] = frame.astype({"is_ood": bool}).to_dict("list")
+    import torch
+    x = torch.from_numpy(np.load(sys.argv[5]))
+    with torch.no_grad():
+        result["torch_logits"] = torch_model(x).tolist()
+    json.dump(result, open(out, "w"))
+    """
+)
+
+
+def _expected(model, images, gray=False):
+    """The model's own predictions with the evaluation transform of adapters.data (timm + PIL)."""
+    from timm.data import create_transform
+
+    transform = create_transform(
+        input_size=tuple(PREP["input_size"]), is_training=False, crop_pct=1.0, interpolation="bilinear",
+        mean=tuple(PREP["mean"]), std=tuple(PREP["std"]),
+    )  # fmt: skip
+    pil = [Image.fromarray(im[..., 0] if gray else im).convert("RGB") for im in images]
+    x = torch.stack([transform(p) for p in pil])
+    with torch.no_grad():
+        logits = model(x)
+    probability, predicted = torch.softmax(logits.double(), 1).max(1)
+    return {
+        "class": predicted.tolist(),
+        "class_name": [CLASSES[c] for c in predicted.tolist()],
+        "probability": probability.tolist(),
+        "ood_score": dp.score(logits, "mmles").tolist(),
+        "is_ood": dtimm.get_head(model).is_ood(logits, 0.95).tolist(),
+    }
+
+
+def _check_logged_run(uri, tmp_path, parent_id, child_id, history):
+    client = _client(uri)
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "compare"
+    assert parent.data.tags["purpose"] == "test"
+    assert parent.data.params["data"] == "random"
+    assert len(parent.data.params["notes"]) <= 6000 and parent.data.params["notes"].endswith("[truncated]")
+    full = client.download_artifacts(parent_id, "params/truncated.json", str(tmp_path / "dl"))
+    assert json.load(open(full))["notes"] == "x" * 7000
+    table = json.load(open(client.download_artifacts(parent_id, "ood/comparison.json", str(tmp_path / "dl"))))
+    assert table["columns"] == ["method", "auroc"] and table["data"][1] == ["ce", 0.5]
+
+    children = {r.info.run_name: r for r in client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")}  # fmt: skip
+    assert set(children) == {"dismax", "broken"}
+    assert children["broken"].info.status == "FAILED"
+    child = children["dismax"]
+    assert child.info.run_id == child_id and child.info.status == "FINISHED"
+    assert child.data.params["optimizer.lr"] == "0.05" and child.data.params["head"] == "dismax"
+    assert _metric_steps(client, child_id, "train_loss") == [(i + 1, round(h["train_loss"], 6))
+                                                              for i, h in enumerate(history)]  # fmt: skip
+    for name in ("ood/histogram.png", "ood/roc.png", "calibration/reliability.png"):
+        with open(client.download_artifacts(child_id, name, str(tmp_path / "dl")), "rb") as file:
+            assert file.read(8) == b"\x89PNG\r\n\x1a\n", name
+    assert [a.path for a in client.list_artifacts(child_id, "saved")] == ["saved/dismax_model.json"]
+
+    logged = {client.get_logged_model(o.model_id).name: o.model_id for o in child.outputs.model_outputs}
+    assert set(logged) == {"model", "pytorch_model"}
+    assert all(str(client.get_logged_model(i).status).endswith("READY") for i in logged.values())
+    assert child.data.tags["dismax.pyfunc_model_uri"] == f"models:/{logged['model']}"
+    assert client.get_model_version("dismax-tiny", "1").source.endswith(logged["model"])
+
+
+def test_tracker_logs_run_children_and_servable_model(mlflow_server, tmp_path):
+    tracker = MlflowTracker(mlflow_server, experiment="dismax-tests", run_name="compare",
+                            register_model="dismax-tiny", fallback_dir=tmp_path / "fallback")  # fmt: skip
+    tracker.start(tags={"purpose": "test"})
+    parent_id = tracker.run_id
+    assert parent_id and tracker.tracking_uri == mlflow_server
+    tracker.log_params({"data": "random", "notes": "x" * 7000})
+    with tracker.child("dismax") as sub:
+        assert sub.run_id != parent_id
+        model, x, y, logits, history = _train(sub)
+        scores = dp.score(logits, "mmles")
+        sub.log_figure(figures.score_histogram(scores, {"noise": scores - 1.0}, "scores"), "ood/histogram.png")
+        sub.log_figure(figures.roc_curves(scores, {"noise": scores - 1.0}), "ood/roc.png")
+        sub.log_figure(figures.reliability_diagram(logits, y, calibrated=logits / 2), "calibration/reliability.png")
+        model_dir = tmp_path / "model"
+        dtimm.save_model(model, model_dir, metadata={"preprocessing": PREP, "score": "mmles", "class_names": CLASSES})
+        sub.log_artifact(str(model_dir / "dismax_model.json"), "saved")
+        sub.log_model(str(model_dir), model, np.full((2, 32, 32, 3), 100, dtype=np.uint8))  # as the CLI does
+        child_id = sub.run_id
+    with pytest.raises(RuntimeError, match="boom"), tracker.child("broken"):
+        raise RuntimeError("boom")
+    tracker.log_table([{"method": "dismax", "auroc": np.float32(0.75)}, {"method": "ce", "auroc": 0.5}],
+                      "ood/comparison.json")  # fmt: skip
+    tracker.end()
+    assert tracker.pending == 0 and tracker.fallback_uri is None
+    assert tracker.logged_models["model"]["registered_model_version"] == "1"
+
+    # the registered pyfunc model and the pytorch model, loaded in a fresh process started elsewhere (it runs
+    # while this process reads the run back)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 40, 48, 3), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    np.save(tmp_path / "x.npy", x[:3].numpy())
+    (tmp_path / "load.py").write_text(_LOADER)
+    out = tmp_path / "out.json"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_DISABLE_TELEMETRY="true")
+    loader = subprocess.Popen(
+        [sys.executable, str(tmp_path / "load.py"), "models:/dismax-tiny/1",
+         tracker.logged_models["pytorch_model"]["model_uri"], str(out), str(tmp_path / "images.npy"),
+         str(tmp_path / "x.npy")],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _check_logged_run(mlflow_server, tmp_path, parent_id, child_id, history)
+        _, stderr = loader.communicate(timeout=180)
+    finally:
+        loader.kill()
+    assert loader.returncode == 0, stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert "/code/dismax_plugin/" in result["origin"] and not result["origin"].startswith(os.getcwd())
+    assert result["columns"] == ["class", "class_name", "probability", "ood_score", "is_ood"]
+    assert result["dtypes"]["class"] == "int64" and result["dtypes"]["probability"] == "float64"
+    expected, expected_gray = _expected(model, images), _expected(model, images, gray=True)
+    for name, want in (("nhwc_uint8", expected), ("nchw_uint8", expected), ("nhwc_float", expected),
+                       ("nhw_gray", expected_gray)):  # fmt: skip
+        got = result["predictions"][name]
+        assert got["class"] == want["class"] and got["class_name"] == want["class_name"], name
+        assert got["is_ood"] == want["is_ood"], name
+        np.testing.assert_allclose(got["probability"], want["probability"], rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(got["ood_score"], want["ood_score"], rtol=1e-5, atol=1e-6, err_msg=name)
+    with torch.no_grad():
+        np.testing.assert_allclose(result["torch_logits"], model(x[:3]).numpy(), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- outages
+def test_outage_queues_then_resends_or_falls_back(mlflow_server_process, tmp_path):
+    server = mlflow_server_process  # the session's server: killed, then restarted on its port and store
+    try:
+        _outage(server, tmp_path)
+    finally:
+        if not server.healthy():  # leave it running for the other tests
+            server.stop()
+            server.start().wait(90)
+
+
+def _outage(server, tmp_path):
+    tracker = MlflowTracker(server.uri, experiment="outage", retry_interval=3600, end_retries=1,
+                            fallback_dir=tmp_path / "fallback")  # fmt: skip
+    tracker.start()
+    run_id = tracker.run_id
+    # a second run that will end while the server is still down: its unsent part goes to the fallback store
+    second = MlflowTracker(server.uri, experiment="outage", run_name="second", end_retries=1, end_retry_wait=0,
+                           fallback_dir=tmp_path / "fallback")  # fmt: skip
+    second.start()
+    second.log_metrics({"loss": 1.0}, step=1)
+    # a third one probes the server on every call while offline, and so recovers as soon as it is back
+    third = MlflowTracker(server.uri, experiment="outage", run_name="third", retry_interval=0)
+    third.start()
+    timings = {}
+
+    def outage(epoch):
+        if epoch == 1:
+            server.stop()
+            server.start()  # same port and store; it answers only after ~15 s, so the run goes on offline
+            begin = time.monotonic()
+            tracker.log_metrics({"val_acc": 0.1}, step=epoch)  # the first call finds the server gone
+            timings["first"] = time.monotonic() - begin
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, _, y, logits, history = _train(tracker, epochs=3, after_epoch=outage)
+        begin = time.monotonic()
+        tracker.log_figure(figures.reliability_diagram(logits, y), "calibration/reliability.png")
+        with tracker.child("twin") as twin:
+            twin.log_metrics({"train_loss": 9.0}, step=1)
+        tracker.log_table([{"dataset": "noise", "auroc": 0.5}], "ood/results.json")
+        timings["offline"] = time.monotonic() - begin
+    outage_warnings = [w for w in caught if issubclass(w.category, TrackingUnavailableWarning)]
+    assert len(outage_warnings) == 1 and server.uri in str(outage_warnings[0].message)
+    assert tracker.offline and tracker.pending >= 6
+    assert timings["first"] < 15 and timings["offline"] < 10, timings  # offline calls do not wait on the network
+
+    assert not server.healthy()  # still starting: `second` and `third` find it down too
+    with pytest.warns(TrackingUnavailableWarning, match="unreachable"):
+        third.log_metrics({"acc": 0.5}, step=1)
+    third.log_metrics({"acc": 0.6}, step=2)
+    assert third.offline and third.pending == 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        second.log_metrics({"loss": 0.5}, step=2)
+        second.log_figure(figures.score_histogram(np.arange(5.0), {"noise": np.arange(5.0) - 2}), "ood/h.png")
+        second.end("FAILED")
+    messages = [str(w.message) for w in caught if issubclass(w.category, TrackingUnavailableWarning)]
+    fallback_uri = f"sqlite:///{(tmp_path / 'fallback').resolve() / 'mlflow.db'}"
+    assert len(messages) == 2 and fallback_uri in messages[1], messages
+    assert second.fallback_uri == fallback_uri and second.pending == 0
+    local = _client(fallback_uri)
+    (saved,) = local.search_runs([local.get_experiment_by_name("outage").experiment_id])
+    assert saved.data.tags["dismax.fallback.source_run_id"] == second.run_id
+    assert saved.data.tags["dismax.fallback.source_uri"] == server.uri
+    assert saved.info.status == "FAILED" and saved.info.run_name == "second"
+    assert _metric_steps(local, saved.info.run_id, "loss") == [(2, 0.5)]
+    png = local.download_artifacts(saved.info.run_id, "ood/h.png", str(tmp_path / "dl"))
+    assert open(png, "rb").read(4) == b"\x89PNG"
+    assert str((tmp_path / "fallback" / "mlflow-artifacts").resolve()) in saved.info.artifact_uri
+
+    server.wait(90)
+    third.log_metrics({"acc": 0.7}, step=3)  # finds the server back: sends its queue, then this
+    assert not third.offline and third.pending == 0
+    assert _metric_steps(_client(server.uri), third.run_id, "acc") == [(1, 0.5), (2, 0.6), (3, 0.7)]
+    third.end()
+    tracker.end()  # the server is back: the queue is sent to it
+    assert tracker.pending == 0 and tracker.fallback_uri is None
+    client = _client(server.uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert _metric_steps(client, run_id, "train_loss") == [(i + 1, round(h["train_loss"], 6))
+                                                           for i, h in enumerate(history)]  # fmt: skip
+    assert _metric_steps(client, run_id, "val_acc") == [(1, 0.1)]
+    assert {a.path for a in client.list_artifacts(run_id, "calibration")} == {"calibration/reliability.png"}
+    assert [a.path for a in client.list_artifacts(run_id, "ood")] == ["ood/results.json"]
+    twins = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+    assert [(t.info.run_name, t.info.status, t.data.metrics) for t in twins] == [("twin", "FINISHED",
+                                                                                  {"train_loss": 9.0})]  # fmt: skip
+    # the server only knows the beginning of `second`, which it has left RUNNING
+    assert _metric_steps(client, second.run_id, "loss") == [(1, 1.0)]
+
+
+# ----------------------------------------------------------------------------------------------- bad URIs
+def test_bad_tracking_uri_is_a_clear_error_at_start(tmp_path):
+    from conftest import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    begin = time.monotonic()
+    with pytest.raises(TrackingURIError, match="127.0.0.1") as error:
+        MlflowTracker(dead, experiment="x").start()
+    assert isinstance(error.value, ValueError) and dead in str(error.value)
+    assert time.monotonic() - begin < 10
+    with pytest.raises(TrackingURIError, match="unsupported scheme 'bogus:'"):
+        check_tracking_uri("bogus://somewhere")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(TrackingURIError, match="a-file"):
+        check_tracking_uri(f"sqlite:///{tmp_path}/a-file/mlflow.db")
+    tracker = MlflowTracker(f"sqlite:///{tmp_path}/ok.db")
+    with pytest.raises(RuntimeError, match="start"):
+        tracker.log_metrics({"a": 1.0})
+    with pytest.raises(TypeError, match="tracking_uri"):
+        MlflowTracker(5)
+
+
+def test_arguments_are_checked_before_anything_is_sent(mlflow_server, tmp_path, caplog):
+    assert check_tracking_uri(mlflow_server) == mlflow_server
+    tracker = MlflowTracker(mlflow_server, experiment="checks", fallback_dir=tmp_path / "fb")
+    tracker.start()
+    with pytest.raises(TypeError, match="metric 'acc'"):
+        tracker.log_metrics({"acc": "high"})
+    with pytest.raises(TypeError, match="step"):
+        tracker.log_metrics({"acc": 1.0}, step=1.5)
+    with pytest.raises(ValueError, match=r"artifact_file must end with \.json"):
+        tracker.log_table([{"a": 1}], "ood/table.csv")
+    with pytest.raises(TypeError, match="rows"):
+        tracker.log_table("not rows", "t.json")
+    with pytest.raises(ValueError, match="model_dir"):
+        tracker.log_model(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="status"):
+        tracker.end("DONE")
+    tracker.log_metrics({"acc": torch.tensor(0.25), "skipped": None}, step=3)
+    tracker.log_params({"lr": 0.1})
+    tracker.log_params({"lr": 0.2})  # changed value: skipped with a warning, not an MLflow error
+    with caplog.at_level("WARNING", logger="dismax_plugin.adapters.mlflow"):
+        tracker.log_metrics({"../escape": 1.0})  # the server rejects this name: logged and dropped
+    assert "failed and was dropped" in caplog.text and "escape" in caplog.text
+    assert not tracker.offline and tracker.pending == 0
+    tracker.end()
+    run = _client(tracker.tracking_uri).get_run(tracker.run_id)
+    assert run.data.metrics == {"acc": 0.25} and run.data.params == {"lr": "0.1"}
+    tracker.end()  # a second end is a no-op
+
+
+# ----------------------------------------------------------------------------------------------- preprocessing
+def test_preprocess_images_layouts_and_errors():
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (2, 20, 30, 3), dtype=np.uint8)
+    nhwc = preprocess_images(images, PREP)
+    assert nhwc.shape == (2, 3, 32, 32) and nhwc.dtype == torch.float32
+    assert torch.equal(preprocess_images(images.transpose(0, 3, 1, 2), PREP), nhwc)
+    assert torch.equal(preprocess_images(images / 255.0, PREP), nhwc)
+    assert torch.equal(preprocess_images(images.astype(np.int64), PREP), nhwc)
+    ragged = preprocess_images([images[0], images[1, :10]], PREP)
+    assert torch.equal(ragged[0], nhwc[0]) and not torch.equal(ragged[1], nhwc[1])
+    gray = preprocess_images(images[..., 0], PREP)
+    assert torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])
+    mono = dict(PREP, input_size=[1, 32, 32], mean=[0.5], std=[0.25])
+    assert preprocess_images(images, mono).shape == (2, 1, 32, 32)
+    with pytest.raises(ValueError, match=r"\[N, H, W\]"):
+        preprocess_images(images[0, :, :, 0], PREP)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        preprocess_images(images * 2.0, PREP)
+    with pytest.raises(ValueError, match="0..255"):
+        preprocess_images(images.astype(np.int64) * 2, PREP)
+    with pytest.raises(TypeError, match="dtype"):
+        preprocess_images(images > 0, PREP)
+    with pytest.raises(ValueError, match="input_size"):
+        preprocess_images(images, {"mean": [0.5]})
+
+    # log_model's examples: raw images are preprocessed; a preprocessed batch is turned back into images
+    from dismax_plugin.adapters.mlflow import _examples
+
+    raw, model_input = _examples(images, PREP)
+    assert raw.dtype == np.uint8 and np.array_equal(raw, images) and np.allclose(model_input, nhwc.numpy())
+    raw_back, same = _examples(torch.from_numpy(model_input), PREP)
+    assert raw_back.shape == (2, 32, 32, 3) and np.allclose(same, model_input)
+    assert np.allclose(preprocess_images(raw_back, PREP).numpy(), model_input, atol=0.5 / 255 / 0.25 + 1e-6)
+
+
+def test_pyfunc_model_of_a_linear_head_uses_the_saved_calibration(tmp_path):
+    from mlflow.pyfunc import PythonModelContext
+
+    from dismax_plugin.adapters.mlflow import DisMaxPyfuncModel
+
+    torch.manual_seed(0)
+    model = dtimm.create_model("test_resnet", head="linear", num_classes=3).eval()
+    images = np.random.default_rng(2).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    with torch.no_grad():
+        logits = model(preprocess_images(images, PREP)).double() / 2.0  # temperature 2
+    threshold = float(dp.score(logits, "mps").median())
+    metadata = {"preprocessing": PREP, "score": "mps", "temperature": 2.0, "thresholds": {"0.95": threshold}}
+    dtimm.save_model(model, tmp_path / "linear", metadata=metadata)
+
+    pyfunc = DisMaxPyfuncModel()
+    pyfunc.load_context(PythonModelContext({"model_dir": str(tmp_path / "linear")}, {"batch_size": 4}))
+    frame = pyfunc.predict(None, images)
+    probability, predicted = torch.softmax(logits, 1).max(1)
+    assert frame["class"].tolist() == predicted.tolist()
+    assert frame["class_name"].tolist() == [str(c) for c in predicted.tolist()]  # no class names saved
+    np.testing.assert_allclose(frame["probability"], probability.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(frame["ood_score"], dp.score(logits, "mps").numpy(), rtol=1e-6)
+    assert frame["is_ood"].tolist() == (dp.score(logits, "mps") < threshold).tolist()
+    assert 0 < frame["is_ood"].sum() < 6
+
+    dtimm.save_model(model, tmp_path / "bare", metadata={"preprocessing": PREP})
+    pyfunc.load_context(PythonModelContext({"model_dir": str(tmp_path / "bare")}, None))
+    frame = pyfunc.predict(None, images[:2])
+    assert frame["is_ood"].isna().all()  # no thresholds stored: no OOD decision
+    with pytest.raises(TypeError, match="DataFrame"):
+        pyfunc.predict(None, frame)
+
+
+def test_imports_stay_lazy():
+    code = (
+        "import sys, dismax_plugin, dismax_plugin.adapters, dismax_plugin.adapters.mlflow, "
+        "dismax_plugin.adapters.figures; print(sorted(m for m in ('mlflow', 'matplotlib') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
