@@ -148,10 +148,13 @@ def _example_input(data, n: int = 2):
 def _cmd_train(args: argparse.Namespace) -> int:
     _check_model_name(args.model)
     cfg = _train_config(args)
+    detectors = _detector_names(args)
+    if detectors and cfg.head != "linear":
+        raise ConfigError("--detectors applies to --head linear (post-hoc detectors on a cross-entropy model).")
     tracker = _make_tracker(args, cfg.output)
     _start(tracker, args.run_name or os.path.basename(cfg.output), {"command": "train"})
     try:
-        _train_and_report(cfg, tracker, args)
+        _train_and_report(cfg, tracker, detectors)
     except Interrupted:
         tracker.end("KILLED")
         raise
@@ -162,40 +165,59 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_and_report(cfg: TrainConfig, tracker: Tracker, args: argparse.Namespace):
-    result = train(cfg, tracker)
-    if not _is_main_process():
-        return result, None
-    device = next(result.model.parameters()).device
-    evaluation = evaluate_model(result.model, result.data, batch_size=cfg.eval_batch_size, device=device)
+def _train_and_report(cfg: TrainConfig, tracker: Tracker, detectors: list[str], quiet: bool = False):
+    """Train, evaluate (native scores, or ``detectors`` for a linear head) and log; returns (result, rows)."""
+    from torch.utils.data import DataLoader
+
     from .compare import format_table
 
-    log.info("\n%s (%s head) on %s:\n%s", cfg.model, cfg.head, cfg.data, format_table(evaluation["rows"]))
+    result = train(cfg, tracker)
+    if not _is_main_process():
+        return result, []
+    device = next(result.model.parameters()).device
+    fit_loader = DataLoader(result.data.fit, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.workers)
+    evaluation = evaluate_model(
+        result.model,
+        result.data,
+        batch_size=cfg.eval_batch_size,
+        device=device,
+        workers=cfg.workers,
+        detectors=detectors if cfg.head == "linear" else (),
+        fit_loader=fit_loader,
+    )
+    if not quiet:
+        log.info("\n%s (%s head) on %s:\n%s", cfg.model, cfg.head, cfg.data, format_table(evaluation["rows"]))
     _log_evaluation(tracker, evaluation, result.calibration)
     tracker.log_artifact(os.path.join(cfg.output, "checkpoint.pt"), "checkpoint")
     tracker.log_model(result.model_dir, model=result.model, input_example=_example_input(result.data))
     log.info("model saved to %s", result.model_dir)
-    return result, evaluation
+    return result, evaluation["rows"]
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import DETECTOR_NAMES, format_table
+
     _check_model_name(args.model)
-    _detector_names(args)
+    detectors = _detector_names(args) or list(DETECTOR_NAMES)
     base = _train_config(args)
     iso_cfg = dataclasses.replace(base, output=os.path.join(base.output, "isotropic"))
     ce_cfg = dataclasses.replace(base, head="linear", fpr=False, output=os.path.join(base.output, "baseline"))
     tracker = _make_tracker(args, base.output)
     _start(tracker, args.run_name or os.path.basename(base.output), {"command": "compare"})
     try:
-        with tracker.child(f"{args.head}") as child:
-            iso, _ = _train_and_report(iso_cfg, child, args)
+        with tracker.child(args.head) as child:
+            _, iso_rows = _train_and_report(iso_cfg, child, [], quiet=True)
         with tracker.child("linear") as child:
-            ce, _ = _train_and_report(ce_cfg, child, args)
+            _, ce_rows = _train_and_report(ce_cfg, child, detectors, quiet=True)
         if _is_main_process():
-            rows = _run_comparison(iso, ce, base, args)
-            from .compare import format_table
-
-            log.info("\nComparison on %s (%s), metrics in %%:\n%s", base.data, base.model, format_table(rows))
+            rows = iso_rows + ce_rows
+            log.info(
+                "\nComparison on %s (%s, %s head vs cross-entropy twin):\n%s",
+                base.data,
+                base.model,
+                base.head,
+                format_table(rows),
+            )
             tracker.log_table(rows, "comparison.json")
     except Interrupted:
         tracker.end("KILLED")
@@ -205,25 +227,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         raise
     tracker.end("FINISHED")
     return 0
-
-
-def _run_comparison(iso, ce, cfg: TrainConfig, args: argparse.Namespace) -> list[dict]:
-    from torch.utils.data import DataLoader
-
-    from .compare import compare
-
-    device = next(iso.model.parameters()).device
-    fit_loader = DataLoader(iso.data.fit, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.workers)
-    detectors = _detector_names(args) or None
-    return compare(
-        iso.model,
-        ce.model,
-        iso.data.benchmark,
-        fit_loader=fit_loader,
-        batch_size=cfg.eval_batch_size,
-        device=device,
-        detectors=detectors,
-    )
 
 
 def _load_for_eval(args: argparse.Namespace):
@@ -262,8 +265,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         device = next(model.parameters()).device
         fit_loader = DataLoader(data.fit, batch_size=args.eval_batch_size, shuffle=False)
         evaluation = evaluate_model(
-            model, data, batch_size=args.eval_batch_size, device=device, workers=args.workers,
-            detectors=_detector_names(args), fit_loader=fit_loader,
+            model,
+            data,
+            batch_size=args.eval_batch_size,
+            device=device,
+            workers=args.workers,
+            detectors=_detector_names(args),
+            fit_loader=fit_loader,
         )
         log.info("\n%s on %s:\n%s", path, args.data, format_table(evaluation["rows"]))
         _log_evaluation(tracker, evaluation, None)

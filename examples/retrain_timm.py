@@ -84,7 +84,8 @@ def main(argv=None) -> dict:
         ood_logits = torch.cat([loaded(normalise(x)) for x, _ in DataLoader(near_ood, batch_size=256)])
     id_flagged = loaded_head.is_ood(id_logits, tpr=0.95).float().mean().item()
     ood_flagged = loaded_head.is_ood(ood_logits, tpr=0.95).float().mean().item()
-    print(f"saved to {output}; flagged OOD at TPR 95%: ID test {id_flagged:.1%}, {bench.ood_names[0]} {ood_flagged:.1%}")
+    print(f"saved to {output}")
+    print(f"flagged OOD at TPR 95%: ID test {id_flagged:.1%}, {bench.ood_names[0]} {ood_flagged:.1%}")
     return {"output": output, "id_flagged": id_flagged, "ood_flagged": ood_flagged, "temperature": temperature}
 
 
