@@ -32,7 +32,6 @@ def _ece(z: torch.Tensor, labels: torch.Tensor, n_bins: int) -> float:
     correct = (predicted == labels).double()
     # Bin m holds confidences in ((m-1)/M, m/M]; confidence is always > 0 for a softmax.
     bins = (torch.ceil(confidence * n_bins).long() - 1).clamp_(0, n_bins - 1)
-    count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(confidence))
     conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, confidence)
     acc_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct)
     return float((conf_sum - acc_sum).abs().sum() / confidence.numel())

@@ -7,10 +7,14 @@ Everything here is a pure function of tensors. The squared distance is expanded 
     \lVert f - p_j \rVert^2 = \lVert f \rVert^2 + \lVert p_j \rVert^2 - 2\, f \cdot p_j ,
 
 so the only :math:`B \times C \times D` work is one matrix product, as in ``nn.Linear``; no
-:math:`B \times C \times D` difference tensor is built. The prototype side is handled by
-:class:`_ProductsAndSquaredNorms`, whose backward fuses the gradient of :math:`\lVert p_j \rVert^2`
-into the matrix-product gradient, so training touches the :math:`C \times D` prototype matrix about
-as often as a linear layer touches its weight.
+:math:`B \times C \times D` difference tensor is built and no normalised copy of the prototypes is made.
+
+In eager float32/float64 training the whole distance (norms, matrix product, normalisation, square
+root) is one autograd node (:class:`_EuclideanDistances`, :class:`_NormalizedDistances`) whose
+hand-written backward needs one matrix product per input plus one row-scaled pass over the
+:math:`C \times D` prototypes, i.e. about the work of ``nn.Linear``. Under autocast, for float16/bfloat16
+tensors, under torch.func transforms and while tracing or compiling, the same formula is evaluated with plain
+differentiable operations (the matrix product in the autocast dtype, the rest in at least float32).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 __all__ = ["euclidean_distances", "normalized_distances", "safe_sqrt"]
 
 _NORM_EPS = 1e-12  # same floor as torch.nn.functional.normalize
+_FUSED_DTYPES = (torch.float32, torch.float64)
 
 
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
@@ -30,52 +35,154 @@ def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
 
 
-class _ProductsAndSquaredNorms(torch.autograd.Function):
-    """``(x @ P.T, (P * P).sum(1))`` with a backward that writes the prototype gradient once.
+def _row_norms(v: torch.Tensor) -> torch.Tensor:
+    # vector_norm reduces without materialising v * v (a C x D temporary for the prototypes).
+    return torch.linalg.vector_norm(v, dim=1)
 
-    ``grad_P = 2 * g_sq[:, None] * P + g_S.T @ x`` is assembled in place (one scaled copy of ``P``
-    followed by an accumulating ``addmm_``) instead of autograd's separate tensors and sum.
+
+def _reference_backward(reference, ctx, grad):
+    """Gradients of the plain expression ``reference(x, P)``: used for higher-order derivatives, where the
+    fused backward (in-place, from forward-time intermediates) would not be differentiable."""
+    x, prototypes = ctx.saved_tensors[:2]
+    inputs = [t for t, needed in zip((x, prototypes), ctx.needs_input_grad[:2]) if needed]
+    grads = iter(torch.autograd.grad(reference(x, prototypes), inputs, grad, create_graph=True))
+    return tuple(next(grads) if needed else None for needed in ctx.needs_input_grad[:2])
+
+
+def _divide_where_positive(grad: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``grad / d`` where ``d > 0``, else 0 (the subgradient 0 of the norm at 0), with one B x C buffer."""
+    return torch.div(grad, d).masked_fill_(d <= 0, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------- Euclidean
+def _euclidean_kernel(x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    x_sq = _row_norms(x).square_()
+    p_sq = _row_norms(prototypes).square_()
+    d = torch.addmm(p_sq.unsqueeze(0), x, prototypes.t(), alpha=-2.0)  # |p|^2 - 2 f.p
+    return d.add_(x_sq.unsqueeze(1)).clamp_min_(0.0).sqrt_()
+
+
+class _EuclideanDistances(torch.autograd.Function):
+    r"""``d[b, c] = ||x_b - p_c||`` with a backward of two matrix products and two row-scaled copies.
+
+    With :math:`H = g / d` (0 where :math:`d = 0`):
+    :math:`\nabla_x = \mathrm{rowsum}(H)\, x - H P`, :math:`\nabla_P = \mathrm{colsum}(H)\, P - H^\top x`.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, prototypes: torch.Tensor):
-        ctx.save_for_backward(x, prototypes)
-        return x @ prototypes.t(), prototypes.pow(2).sum(dim=1)
+    def forward(ctx, x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+        d = _euclidean_kernel(x, prototypes)
+        ctx.save_for_backward(x, prototypes, d)
+        return d
 
     @staticmethod
-    def backward(ctx, grad_products, grad_sq_norms):
-        x, prototypes = ctx.saved_tensors
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain expression instead
+            return _reference_backward(_euclidean_reference, ctx, grad)
+        x, prototypes, d = ctx.saved_tensors
+        h = _divide_where_positive(grad, d)
         grad_x = grad_p = None
-        if grad_products is not None:
-            grad_products = grad_products.to(prototypes.dtype)
-        if ctx.needs_input_grad[0] and grad_products is not None:
-            grad_x = grad_products @ prototypes
+        if ctx.needs_input_grad[0]:
+            grad_x = x * h.sum(dim=1, keepdim=True)
+            grad_x.addmm_(h, prototypes, alpha=-1.0)
         if ctx.needs_input_grad[1]:
-            if grad_sq_norms is not None:
-                grad_p = (2.0 * grad_sq_norms.to(prototypes.dtype)).unsqueeze(1) * prototypes
-                if grad_products is not None:
-                    grad_p.addmm_(grad_products.t(), x.to(prototypes.dtype))
-            elif grad_products is not None:
-                grad_p = grad_products.t() @ x.to(prototypes.dtype)
+            grad_p = prototypes * h.sum(dim=0).unsqueeze(1)
+            grad_p.addmm_(h.t(), x, alpha=-1.0)
         return grad_x, grad_p
 
 
-def _use_fused(x: torch.Tensor, prototypes: torch.Tensor) -> bool:
-    # The fused backward only matters when autograd will differentiate through the prototypes in eager
-    # mode; tracing, export and autocast get the plain differentiable expression.
-    if not (torch.is_grad_enabled() and (x.requires_grad or prototypes.requires_grad)):
+def _euclidean_reference(x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    products = x @ prototypes.t()
+    work = torch.promote_types(products.dtype, torch.float32)
+    x_sq = x.to(work).pow(2).sum(dim=1, keepdim=True)
+    p_sq = prototypes.to(work).pow(2).sum(dim=1)
+    return safe_sqrt(x_sq + p_sq.unsqueeze(0) - 2.0 * products.to(work))
+
+
+# ----------------------------------------------------------------------------------------------- normalised
+def _normalized_kernel(x: torch.Tensor, prototypes: torch.Tensor):
+    x_norm = _row_norms(x)
+    p_norm = _row_norms(prototypes)
+    x_inv = x_norm.clamp_min(_NORM_EPS).reciprocal_()
+    p_inv = p_norm.clamp_min(_NORM_EPS).reciprocal_()
+    # |f^|^2 is 1, or 0 for a vector at/below the eps floor (F.normalize maps it to ~0).
+    x_unit = (x_norm > _NORM_EPS).to(x.dtype)
+    p_unit = (p_norm > _NORM_EPS).to(x.dtype)
+    # d^2 = |f^|^2 + |p^|^2 - 2 f^.p^, built in place in the buffer of the matrix product.
+    d = (x @ prototypes.t()).mul_((-2.0 * x_inv).unsqueeze(1)).mul_(p_inv.unsqueeze(0))
+    d.add_(x_unit.unsqueeze(1)).add_(p_unit.unsqueeze(0)).clamp_min_(0.0).sqrt_()
+    return d, x_inv, p_inv, x_unit, p_unit
+
+
+class _NormalizedDistances(torch.autograd.Function):
+    r"""``d[b, c] = ||x_b/|x_b| - p_c/|p_c|||`` (``F.normalize`` semantics) in one autograd node.
+
+    With :math:`G = -g / d` (0 where :math:`d = 0`), :math:`a = 1/|x|`, :math:`q = 1/|p|` and
+    :math:`K = a\,G\,q` (outer scaling):
+    :math:`\nabla_x = K P - a^2\,\mathrm{rowsum}(G \odot \cos)\, x`,
+    :math:`\nabla_P = K^\top x - q^2\,\mathrm{colsum}(G \odot \cos)\, P`
+    (the second terms vanish for vectors at the eps floor, whose scale is constant). Only ``d`` is saved
+    at :math:`B \times C` size; the backward recovers :math:`\cos = (|\hat f|^2 + |\hat p|^2 - d^2) / 2`.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+        d, x_inv, p_inv, x_unit, p_unit = _normalized_kernel(x, prototypes)
+        ctx.save_for_backward(x, prototypes, d, x_inv, p_inv, x_unit, p_unit)
+        return d
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain expression instead
+            return _reference_backward(_normalized_reference, ctx, grad)
+        x, prototypes, d, x_inv, p_inv, x_unit, p_unit = ctx.saved_tensors
+        g = _divide_where_positive(grad, d).neg_()
+        gc = d.square().neg_().add_(x_unit.unsqueeze(1)).add_(p_unit.unsqueeze(0)).mul_(0.5).mul_(g)  # g * cos
+        row = gc.sum(dim=1).mul_(x_inv.square()).mul_(x_unit).neg_()
+        col = gc.sum(dim=0).mul_(p_inv.square()).mul_(p_unit).neg_()
+        del gc
+        k = g.mul_(x_inv.unsqueeze(1)).mul_(p_inv.unsqueeze(0))
+        grad_x = grad_p = None
+        if ctx.needs_input_grad[0]:
+            grad_x = x * row.unsqueeze(1)
+            grad_x.addmm_(k, prototypes)
+        if ctx.needs_input_grad[1]:
+            grad_p = prototypes * col.unsqueeze(1)
+            grad_p.addmm_(k.t(), x)
+        return grad_x, grad_p
+
+
+def _normalized_reference(x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    work = torch.promote_types(torch.promote_types(x.dtype, prototypes.dtype), torch.float32)
+    x_norm = safe_sqrt(x.to(work).pow(2).sum(dim=1, keepdim=True))
+    p_norm = safe_sqrt(prototypes.to(work).pow(2).sum(dim=1))
+    unit_x = x / x_norm.clamp_min(_NORM_EPS).to(x.dtype)
+    products = (unit_x @ prototypes.t()).to(work)
+    cosine = products / p_norm.clamp_min(_NORM_EPS).unsqueeze(0)
+    x_unit = (x_norm > _NORM_EPS).to(work)
+    p_unit = (p_norm > _NORM_EPS).to(work).unsqueeze(0)
+    return safe_sqrt(x_unit + p_unit - 2.0 * cosine)
+
+
+# ----------------------------------------------------------------------------------------------- dispatch
+def _fused_ok(x: torch.Tensor, prototypes: torch.Tensor) -> bool:
+    # Eager, same float32/float64 dtype, no autocast: the fused kernels apply. Tracing, export, compile,
+    # torch.func transforms, autocast and half precision get the plain differentiable expression.
+    if x.dtype != prototypes.dtype or x.dtype not in _FUSED_DTYPES or x.device != prototypes.device:
         return False
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
         return False
-    if x.dtype != prototypes.dtype or torch.is_autocast_enabled(x.device.type):
+    if torch._C._are_functorch_transforms_active():  # torch.func (vmap, grad, jacrev, ...)
         return False
-    return True
+    return not torch.is_autocast_enabled(x.device.type)
 
 
-def _products_and_sq_norms(x: torch.Tensor, prototypes: torch.Tensor):
-    if _use_fused(x, prototypes):
-        return _ProductsAndSquaredNorms.apply(x, prototypes)
-    return x @ prototypes.t(), prototypes.pow(2).sum(dim=1)
+def _needs_grad(x: torch.Tensor, prototypes: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or prototypes.requires_grad)
+
+
+def _out_dtype(x: torch.Tensor, prototypes: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, prototypes.dtype)
 
 
 def euclidean_distances(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -83,33 +190,37 @@ def euclidean_distances(features: torch.Tensor, prototypes: torch.Tensor) -> tor
 
     :param features: :math:`B \times D`
     :param prototypes: :math:`C \times D`
-    :return: :math:`B \times C`, non-negative, with a finite gradient where a distance is 0.
+    :return: :math:`B \times C`, non-negative, with a finite gradient (0) where a distance is 0.
     """
-    products, proto_sq = _products_and_sq_norms(features, prototypes)
-    feat_sq = features.pow(2).sum(dim=1, keepdim=True).to(products.dtype)
-    return safe_sqrt(feat_sq + proto_sq.to(products.dtype).unsqueeze(0) - 2.0 * products)
+    if _fused_ok(features, prototypes):
+        if _needs_grad(features, prototypes):
+            return _EuclideanDistances.apply(features, prototypes)
+        return _euclidean_kernel(features, prototypes)
+    distances = _euclidean_reference(features, prototypes)
+    return distances if torch.is_autocast_enabled(features.device.type) else distances.to(
+        _out_dtype(features, prototypes)
+    )
 
 
 def normalized_distances(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     r"""Distances between L2-normalised vectors, :math:`\lVert \hat f_b - \hat p_j \rVert \in [0, 2]`.
 
     With :math:`\hat v = v / \max(\lVert v \rVert, \epsilon)` (as ``F.normalize``),
-    :math:`\lVert \hat f - \hat p \rVert^2 = 2 - 2\, \hat f \cdot p / \lVert p \rVert`; the prototypes are
-    never copied in normalised form.
+    :math:`\lVert \hat f - \hat p \rVert^2 = \lVert \hat f \rVert^2 + \lVert \hat p \rVert^2 - 2\, f \cdot p
+    / (\lVert f \rVert \lVert p \rVert)`; neither side is copied in normalised form.
 
     :param features: :math:`B \times D`
     :param prototypes: :math:`C \times D`
     :return: :math:`B \times C`
     """
-    feat_norm = safe_sqrt(features.pow(2).sum(dim=1, keepdim=True)).clamp_min(_NORM_EPS)
-    unit_features = features / feat_norm
-    products, proto_sq = _products_and_sq_norms(unit_features, prototypes)
-    proto_norm = safe_sqrt(proto_sq.to(products.dtype)).clamp_min(_NORM_EPS)
-    cosine = products / proto_norm.unsqueeze(0)
-    # A zero vector normalises to 0, so its squared distance is |f^|^2 + |p^|^2 - 2 cos, not 2 - 2 cos.
-    feat_unit_sq = (feat_norm > _NORM_EPS).to(products.dtype)
-    proto_unit_sq = (proto_norm > _NORM_EPS).to(products.dtype).unsqueeze(0)
-    return safe_sqrt(feat_unit_sq + proto_unit_sq - 2.0 * cosine)
+    if _fused_ok(features, prototypes):
+        if _needs_grad(features, prototypes):
+            return _NormalizedDistances.apply(features, prototypes)
+        return _normalized_kernel(features, prototypes)[0]
+    distances = _normalized_reference(features, prototypes)
+    return distances if torch.is_autocast_enabled(features.device.type) else distances.to(
+        _out_dtype(features, prototypes)
+    )
 
 
 SQRT2 = math.sqrt(2.0)

@@ -65,6 +65,7 @@ def fpr_mix(
 
     targets = targets.to(inputs.device)
     mixed_targets = torch.zeros(n_mixed, num_classes, dtype=soft_dtype, device=inputs.device)
-    mixed_targets.scatter_add_(1, targets[sources], torch.full((n_mixed, 4), 0.25, dtype=soft_dtype, device=inputs.device))
+    quarter = torch.full((n_mixed, 4), 0.25, dtype=soft_dtype, device=inputs.device)
+    mixed_targets.scatter_add_(1, targets[sources], quarter)
     clean_targets = F.one_hot(targets[clean], num_classes).to(soft_dtype)
     return torch.cat([inputs[clean], stitched]), torch.cat([clean_targets, mixed_targets])

@@ -71,8 +71,13 @@ class PrototypeHead(nn.Module):
         self.clear_thresholds()
 
     # ---------------------------------------------------------------- forward
-    def distance_logits(self, features: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def _logits(self, features: torch.Tensor, temperature: torch.Tensor | None) -> torch.Tensor:
+        """Logits divided by ``temperature`` (``None``: 1); scalars are folded into one multiplication."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def distance_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits before the temperature (no shape checks)."""
+        return self._logits(features, None)
 
     def forward(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Logits :math:`B \\times C` from features :math:`B \\times D` (divided by ``temperature``).
@@ -88,7 +93,7 @@ class PrototypeHead(nn.Module):
             )
         if pre_logits:
             return features
-        return self.distance_logits(features) / self.temperature
+        return self._logits(features, self.temperature)
 
     # ---------------------------------------------------------------- deployment
     def ood_score(self, logits: torch.Tensor, name: str | None = None) -> torch.Tensor:
@@ -142,18 +147,31 @@ class PrototypeHead(nn.Module):
                 "with compute_thresholds() and store them with head.set_thresholds()."
             )
         tpr = _check_tpr(tpr)
-        match = torch.isclose(self.threshold_tprs, torch.tensor(tpr, dtype=torch.float64, device=self.thresholds.device))
+        wanted = torch.tensor(tpr, dtype=torch.float64, device=self.thresholds.device)
+        match = torch.isclose(self.threshold_tprs, wanted)
         if not bool(match.any()):
             raise ValueError(f"tpr={tpr} has no stored threshold; stored tprs: {sorted(self.stored_thresholds)}.")
         threshold = self.thresholds[match][0]
         return score(logits, self.stored_score) < threshold.to(logits.device)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype)/.half()/.double() would round the stored thresholds and TPRs to the model dtype (0.95 is
+        # 0.949 in bfloat16, so is_ood(tpr=0.95) could no longer find it): keep them float64, follow the device.
+        saved = {name: getattr(self, name) for name in ("thresholds", "threshold_tprs")}
+        module = super()._apply(fn, recurse)
+        for name, value in saved.items():
+            moved = getattr(self, name)
+            if moved.dtype != torch.float64:
+                setattr(self, name, value.to(device=moved.device, dtype=torch.float64))
+        return module
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Thresholds have a variable length: adopt the incoming size before the strict copy.
         for name in ("thresholds", "threshold_tprs"):
             incoming = state_dict.get(prefix + name)
             if isinstance(incoming, torch.Tensor) and incoming.shape != getattr(self, name).shape:
-                setattr(self, name, torch.empty_like(incoming, device=getattr(self, name).device))
+                device = getattr(self, name).device
+                setattr(self, name, torch.empty(incoming.shape, dtype=torch.float64, device=device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -177,8 +195,9 @@ class IsoMaxHead(PrototypeHead):
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.prototypes)
 
-    def distance_logits(self, features: torch.Tensor) -> torch.Tensor:
-        return -euclidean_distances(features, self.prototypes)
+    def _logits(self, features: torch.Tensor, temperature: torch.Tensor | None) -> torch.Tensor:
+        distances = euclidean_distances(features, self.prototypes)
+        return -distances if temperature is None else distances * (-1.0 / temperature)
 
 
 class IsoMaxPlusHead(PrototypeHead):
@@ -195,11 +214,21 @@ class IsoMaxPlusHead(PrototypeHead):
         super().__init__(in_features, num_classes, device=device, dtype=dtype)
         self.distance_scale = nn.Parameter(torch.ones(1, device=device, dtype=dtype))
 
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "distance_scale"):  # not yet created while the base __init__ runs
+            nn.init.ones_(self.distance_scale)
+
     def scaled_distances(self, features: torch.Tensor) -> torch.Tensor:
+        """:math:`|s|\\,\\lVert \\hat f - \\hat p_j \\rVert` [B, C]."""
         return self.distance_scale.abs() * normalized_distances(features, self.prototypes)
 
-    def distance_logits(self, features: torch.Tensor) -> torch.Tensor:
-        return -self.scaled_distances(features)
+    def _factor(self, temperature: torch.Tensor | None) -> torch.Tensor:
+        factor = -self.distance_scale.abs()
+        return factor if temperature is None else factor / temperature
+
+    def _logits(self, features: torch.Tensor, temperature: torch.Tensor | None) -> torch.Tensor:
+        return normalized_distances(features, self.prototypes) * self._factor(temperature)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", distance_scale={float(self.distance_scale.detach().abs()):.4g}"
@@ -215,9 +244,10 @@ class DisMaxHead(IsoMaxPlusHead):
     kind = "dismax"
     default_score = "mmles"
 
-    def distance_logits(self, features: torch.Tensor) -> torch.Tensor:
-        distances = self.scaled_distances(features) / math.sqrt(2.0)
-        return -(distances + distances.mean(dim=1, keepdim=True))
+    def _logits(self, features: torch.Tensor, temperature: torch.Tensor | None) -> torch.Tensor:
+        # -(d + mean d) with d = |s| u / sqrt(2), u the normalised distances: the scalars fold into one factor.
+        unit = normalized_distances(features, self.prototypes)
+        return (unit + unit.mean(dim=1, keepdim=True)) * (self._factor(temperature) / math.sqrt(2.0))
 
 
 HEADS: dict[str, type[PrototypeHead]] = {cls.kind: cls for cls in (IsoMaxHead, IsoMaxPlusHead, DisMaxHead)}

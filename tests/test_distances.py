@@ -1,0 +1,226 @@
+"""Distances: fused autograd nodes vs autograd of the plain float64 formula, precision, dispatch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck, gradgradcheck
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dismax_plugin import distances
+from dismax_plugin.distances import (
+    _euclidean_reference,
+    _EuclideanDistances,
+    _normalized_reference,
+    _NormalizedDistances,
+    euclidean_distances,
+    normalized_distances,
+    safe_sqrt,
+)
+
+
+def plain_euclidean(x, p):
+    """The definition: norms of explicit differences (B x C x D), differentiable by autograd."""
+    return (x[:, None, :] - p[None, :, :]).pow(2).sum(-1).sqrt()
+
+
+def plain_normalized(x, p):
+    return plain_euclidean(F.normalize(x, dim=1), F.normalize(p, dim=1))
+
+
+PAIRS = [(euclidean_distances, plain_euclidean), (normalized_distances, plain_normalized)]
+
+
+def randn(*shape, seed=0, dtype=torch.float64):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.mark.parametrize("zero_row", [None, 0, 2])
+def test_euclidean_fused_backward_passes_gradcheck(zero_row):
+    x = randn(5, 7, seed=1).requires_grad_(True)
+    p = randn(4, 7, seed=2)
+    if zero_row is not None:  # IsoMax prototypes start at exactly 0
+        p[zero_row] = 0.0
+    p.requires_grad_(True)
+    assert gradcheck(_EuclideanDistances.apply, (x, p))
+
+
+def test_euclidean_fused_backward_at_all_zero_prototypes():
+    x = randn(3, 6, seed=3).requires_grad_(True)
+    p = torch.zeros(4, 6, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(_EuclideanDistances.apply, (x, p))
+
+
+def test_normalized_fused_backward_passes_gradcheck():
+    x = randn(5, 7, seed=4).requires_grad_(True)
+    p = randn(4, 7, seed=5).requires_grad_(True)
+    assert gradcheck(_NormalizedDistances.apply, (x, p))
+
+
+@pytest.mark.parametrize("kind", ["euclidean", "normalized"])
+@pytest.mark.parametrize("zero", ["none", "prototype", "feature"])
+def test_fused_gradients_match_autograd_of_plain_float64_formula(kind, zero):
+    # Zero rows: the normalised distance is not continuous there, so gradcheck's finite differences do
+    # not apply; compare with autograd of the F.normalize-based definition instead.
+    x, p = randn(6, 9, seed=6), randn(5, 9, seed=7)
+    if zero == "prototype":
+        p[3] = 0.0
+    if zero == "feature":
+        x[2] = 0.0
+    x.requires_grad_(True)
+    p.requires_grad_(True)
+    upstream = randn(6, 5, seed=8)
+    fused_fn, plain_fn = {
+        "euclidean": (_EuclideanDistances.apply, plain_euclidean),
+        "normalized": (_NormalizedDistances.apply, plain_normalized),
+    }[kind]
+    fused = fused_fn(x, p)
+    plain = plain_fn(x, p)
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad(fused, (x, p), upstream)
+    want = torch.autograd.grad(plain, (x, p), upstream)
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("fn", [euclidean_distances, normalized_distances])
+def test_public_functions_use_the_fused_node_when_training(fn):
+    x = randn(3, 4, dtype=torch.float32).requires_grad_(True)
+    p = randn(2, 4, seed=1, dtype=torch.float32).requires_grad_(True)
+    assert "Distances" in fn(x, p).grad_fn.name()
+    with torch.no_grad():
+        assert fn(x, p).grad_fn is None
+
+
+@pytest.mark.parametrize(
+    "fn, reference",
+    [(euclidean_distances, _euclidean_reference), (normalized_distances, _normalized_reference)],
+)
+def test_fused_and_plain_paths_agree_in_float32(fn, reference):
+    # The plain path serves autocast, half precision and tracing; both must compute the same thing.
+    x = randn(8, 32, seed=9, dtype=torch.float32).requires_grad_(True)
+    p = randn(6, 32, seed=10, dtype=torch.float32).requires_grad_(True)
+    upstream = randn(8, 6, seed=11, dtype=torch.float32)
+    fused, plain = fn(x, p), reference(x, p)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    for g, w in zip(torch.autograd.grad(fused, (x, p), upstream), torch.autograd.grad(plain, (x, p), upstream)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(fn(x, p), fused.detach())
+
+
+@pytest.mark.parametrize("dim, classes", [(16, 5), (512, 100)])
+@pytest.mark.parametrize("fn, plain", PAIRS)
+def test_float32_matches_float64_evaluation(dim, classes, fn, plain):
+    x, p = randn(64, dim, seed=12), randn(classes, dim, seed=13)
+    want = plain(x, p)
+    for requires_grad in (True, False):
+        got = fn(x.float().requires_grad_(requires_grad), p.float().requires_grad_(requires_grad))
+        assert got.dtype == torch.float32 and got.shape == (64, classes)
+        # float32 vs float64 transcription: 1e-5 relative to the size of the distances.
+        assert (got.double() - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max()))
+
+
+@pytest.mark.parametrize("fn", [euclidean_distances, normalized_distances])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradient_is_finite_at_distance_zero(fn, dtype):
+    p = randn(3, 10, seed=14, dtype=dtype).requires_grad_(True)
+    x = torch.cat([p.detach()[:2], 5.0 * p.detach()[2:]]).requires_grad_(True)  # rows at 0 distance
+    d = fn(x, p)
+    values = d.detach()
+    scale = 1.0 if fn is normalized_distances else float(p.detach().norm(dim=1).max())
+    assert float(values[0, 0]) <= 1e-3 * scale and float(values[1, 1]) <= 1e-3 * scale
+    if fn is normalized_distances:
+        assert float(values[2, 2]) <= 1e-3
+    d.sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(p.grad).all()
+
+
+@pytest.mark.parametrize("fn", [euclidean_distances, normalized_distances])
+def test_zero_vectors_follow_f_normalize_semantics(fn):
+    x = torch.zeros(2, 4)
+    x[1] = torch.tensor([3.0, 0.0, 4.0, 0.0])
+    p = torch.zeros(3, 4)
+    p[1] = torch.tensor([0.0, 0.0, 2.0, 0.0])
+    got = fn(x, p)
+    want = (plain_euclidean if fn is euclidean_distances else plain_normalized)(x.double(), p.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_normalized_distances_lie_in_zero_two():
+    x, p = randn(50, 3, seed=15, dtype=torch.float32), randn(40, 3, seed=16, dtype=torch.float32)
+    p[0] = -x[0] / 2  # antipodal pair: distance 2
+    d = normalized_distances(x, p)
+    assert d.min() >= 0 and d.max() <= 2 + 1e-6
+    assert abs(float(d[0, 0]) - 2.0) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fn, plain", PAIRS)
+def test_half_precision_tensors_keep_their_dtype_and_stay_accurate(dtype, fn, plain):
+    x, p = randn(16, 64, seed=17).to(dtype), randn(12, 64, seed=18).to(dtype)
+    got = fn(x.requires_grad_(True), p.requires_grad_(True))
+    assert got.dtype == dtype
+    want = plain(x.detach().double(), p.detach().double())
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    assert (got.detach().double() - want).abs().max() <= tol * float(want.abs().max())
+    got.sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(p.grad).all()
+
+
+def test_safe_sqrt_has_zero_gradient_at_and_below_zero():
+    x = torch.tensor([-1.0, 0.0, 4.0], requires_grad=True)
+    y = safe_sqrt(x)
+    y.sum().backward()
+    assert y.tolist() == [0.0, 0.0, 2.0]
+    assert x.grad.tolist() == [0.0, 0.0, 0.25]
+
+
+def test_module_exports():
+    assert set(distances.__all__) == {"euclidean_distances", "normalized_distances", "safe_sqrt"}
+
+
+@pytest.mark.parametrize("fn", [_EuclideanDistances.apply, _NormalizedDistances.apply])
+def test_fused_nodes_are_twice_differentiable(fn):
+    # create_graph=True (e.g. gradient penalties) must not silently drop the normalisation's dependence.
+    x = randn(4, 5, seed=19).requires_grad_(True)
+    p = randn(3, 5, seed=20).requires_grad_(True)
+    assert gradgradcheck(fn, (x, p))
+
+
+class _LargestOutput(TorchDispatchMode):
+    """Records the largest tensor any aten op produces (forward and backward, custom nodes included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("fn", [euclidean_distances, normalized_distances])
+@pytest.mark.parametrize("mode", ["fused", "no_grad", "autocast"])
+def test_no_batch_by_class_by_feature_tensor_is_built(fn, mode):
+    batch, classes, dim = 16, 24, 32  # B*C*D = 12288 >> B*C, C*D, B*D
+    x = randn(batch, dim, seed=21, dtype=torch.float32).requires_grad_(mode != "no_grad")
+    p = randn(classes, dim, seed=22, dtype=torch.float32).requires_grad_(mode != "no_grad")
+    recorder = _LargestOutput()
+    with recorder, torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+        d = fn(x, p)
+        if mode != "no_grad":
+            d.sum().backward()
+    assert 0 < recorder.largest <= max(batch * classes, classes * dim, batch * dim)
+
+
+@pytest.mark.parametrize("fn, plain", PAIRS)
+def test_torch_func_transforms_work(fn, plain):
+    x, p = randn(3, 5, seed=23), randn(4, 5, seed=24)
+    jacobian = torch.func.jacrev(lambda f: fn(f, p))(x)
+    torch.testing.assert_close(jacobian, torch.func.jacrev(lambda f: plain(f, p))(x))
+    batched = torch.func.vmap(lambda f: fn(f, p))(x.reshape(3, 1, 5))
+    torch.testing.assert_close(batched.reshape(3, 4), plain(x, p))

@@ -1,0 +1,162 @@
+"""Fractional probability regularisation: batch geometry, targets, determinism, the paper's objective."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dismax_plugin import DisMaxLoss, dismax_loss, fpr_mix
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def batch(size=8, channels=3, height=6, width=6, classes=5, seed=0):
+    images = torch.randn(size, channels, height, width, generator=gen(seed))  # all pixels distinct
+    labels = torch.randint(0, classes, (size,), generator=gen(seed + 1))
+    return images, labels
+
+
+def quadrants(height, width):
+    top, left = height // 2, width // 2
+    return [(slice(None, top), slice(None, left)), (slice(None, top), slice(left, None)),
+            (slice(top, None), slice(None, left)), (slice(top, None), slice(left, None))]
+
+
+def find_source(images, patch, rows, cols):
+    """Index of the (unique) batch image whose region (rows, cols) equals ``patch``."""
+    matches = [i for i in range(images.shape[0]) if torch.equal(images[i, :, rows, cols], patch)]
+    assert len(matches) == 1, matches
+    return matches[0]
+
+
+@pytest.mark.parametrize("size, height, width", [(8, 6, 6), (9, 7, 5), (16, 2, 3), (4, 5, 8)])
+def test_clean_half_and_stitched_half_geometry(size, height, width):
+    classes = 5
+    images, labels = batch(size, height=height, width=width, classes=classes)
+    mixed, targets = fpr_mix(images, labels, classes, generator=gen(3))
+    assert mixed.shape == images.shape and mixed.dtype == images.dtype
+    assert targets.shape == (size, classes) and targets.dtype == torch.float32
+    torch.testing.assert_close(targets.sum(dim=1), torch.ones(size))
+    n_mixed = size // 2
+    n_clean = size - n_mixed
+
+    # Clean half: distinct batch images (a shuffle, no repeats) with their one-hot targets.
+    clean_sources = []
+    for row in range(n_clean):
+        source = find_source(images, mixed[row], slice(None), slice(None))
+        clean_sources.append(source)
+        assert torch.equal(targets[row], F.one_hot(labels[source], classes).float())
+    assert len(set(clean_sources)) == n_clean
+
+    # Stitched half: quadrant k of image r is quadrant k of some batch image; the four sources are
+    # distinct images and each puts 0.25 on its class.
+    for row in range(n_clean, size):
+        sources = [find_source(images, mixed[row, :, r, c], r, c) for r, c in quadrants(height, width)]
+        assert len(set(sources)) == 4
+        expected = 0.25 * F.one_hot(labels[sources], classes).float().sum(dim=0)
+        assert torch.equal(targets[row], expected)
+
+
+def test_stitched_targets_are_fractional_when_classes_differ():
+    images = torch.randn(8, 1, 4, 4, generator=gen(4))
+    labels = torch.arange(8)  # every image its own class
+    _, targets = fpr_mix(images, labels, 8, generator=gen(5))
+    assert (targets[:4].max(dim=1).values == 1.0).all()
+    assert torch.equal(torch.sort(targets[4:], dim=1, descending=True).values[:, :4], torch.full((4, 4), 0.25))
+
+
+def test_deterministic_under_a_generator():
+    images, labels = batch()
+    first = fpr_mix(images, labels, 5, generator=gen(7))
+    second = fpr_mix(images, labels, 5, generator=gen(7))
+    other = fpr_mix(images, labels, 5, generator=gen(8))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert not torch.equal(first[0], other[0])
+    torch.manual_seed(0)
+    global_a = fpr_mix(images, labels, 5)
+    torch.manual_seed(0)
+    global_b = fpr_mix(images, labels, 5)
+    assert torch.equal(global_a[0], global_b[0])
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_small_batches(size):
+    images, labels = batch(size)
+    mixed, targets = fpr_mix(images, labels, 5, generator=gen(9))
+    assert mixed.shape == images.shape and targets.shape == (size, 5)
+    torch.testing.assert_close(targets.sum(dim=1), torch.ones(size))
+    if size == 1:
+        assert torch.equal(mixed, images)
+
+
+def test_integer_images_and_half_precision():
+    images = torch.randint(0, 255, (6, 3, 5, 5), dtype=torch.uint8, generator=gen(10))
+    mixed, targets = fpr_mix(images, torch.arange(6) % 3, 3, generator=gen(11))
+    assert mixed.dtype == torch.uint8 and targets.dtype == torch.float32
+    mixed, targets = fpr_mix(images.half(), torch.arange(6) % 3, 3, generator=gen(11))
+    assert targets.dtype == torch.float16
+    torch.testing.assert_close(targets.sum(dim=1), torch.ones(6, dtype=torch.float16))
+
+
+def test_input_batch_is_not_modified():
+    images, labels = batch()
+    before = images.clone()
+    fpr_mix(images, labels, 5, generator=gen(12))
+    assert torch.equal(images, before)
+
+
+def paper_objective(logits, targets, n_clean, entropic_scale, alpha):
+    """Float64 transcription of the paper's loss: (CE on the clean half + alpha * KL on the mixed half) / 2."""
+    z = entropic_scale * logits.double()
+    log_p = z - torch.logsumexp(z, dim=1, keepdim=True)
+    clean_labels = targets[:n_clean].argmax(dim=1)
+    ce = -log_p[:n_clean].gather(1, clean_labels[:, None]).mean()
+    t = targets[n_clean:].double()
+    kl = (torch.where(t > 0, t * t.log(), torch.zeros_like(t)) - t * log_p[n_clean:]).sum(dim=1).mean()
+    return (ce + alpha * kl) / 2
+
+
+@pytest.mark.parametrize("size, classes, alpha, labels_seed", [
+    (8, 10, 1.0, 0),     # labels may repeat
+    (16, 3, 1.0, 1),     # many repeats: some stitched rows can be one-hot
+    (8, 8, 0.3, None),   # distinct labels: every stitched row is fractional, alpha != 1
+    (12, 20, 2.0, None),
+])
+def test_dismax_loss_on_an_fpr_batch_is_the_papers_objective(size, classes, alpha, labels_seed):
+    images = torch.randn(size, 3, 4, 4, generator=gen(13))
+    if labels_seed is None:
+        labels = torch.randperm(classes, generator=gen(14))[:size]
+    else:
+        labels = torch.randint(0, classes, (size,), generator=gen(labels_seed))
+    _, targets = fpr_mix(images, labels, classes, generator=gen(15))
+    logits = torch.randn(size, classes, generator=gen(16), dtype=torch.float64).requires_grad_(True)
+    got = DisMaxLoss(entropic_scale=10.0, alpha=alpha)(logits, targets)
+    want = paper_objective(logits, targets, size - size // 2, 10.0, alpha)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    # Same gradients as the transcription, and the float32 path agrees to float32 accuracy.
+    torch.testing.assert_close(torch.autograd.grad(got, logits)[0], torch.autograd.grad(want, logits)[0])
+    torch.testing.assert_close(dismax_loss(logits.detach().float(), targets, alpha=alpha).double(),
+                               want.detach(), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+IMAGES = torch.zeros(4, 3, 4, 4)
+LABELS = torch.tensor([0, 1, 2, 0])
+
+
+@pytest.mark.parametrize("kwargs, error, argument", [
+    ({"inputs": torch.zeros(4, 3, 16)}, ValueError, r"inputs must be images \[B, Ch, H, W\]"),
+    ({"inputs": torch.zeros(4, 16)}, ValueError, r"inputs must be images \[B, Ch, H, W\]"),
+    ({"inputs": torch.zeros(4, 3, 1, 8)}, ValueError, "inputs must be images .*H, W >= 2"),
+    ({"inputs": [[0.0]]}, TypeError, "inputs must be a torch.Tensor of images"),
+    ({"targets": torch.tensor([0.0, 1.0, 2.0, 0.0])}, TypeError, "targets"),
+    ({"targets": torch.tensor([0, 1, 3, 0])}, ValueError, "targets must be class indices"),
+    ({"targets": torch.tensor([0, 1])}, ValueError, "targets has 2 entries but the batch has 4"),
+    ({"num_classes": 1}, ValueError, "num_classes"),
+    ({"num_classes": 2.5}, TypeError, "num_classes"),
+])
+def test_bad_fpr_arguments(kwargs, error, argument):
+    call = {"inputs": IMAGES, "targets": LABELS, "num_classes": 3, **kwargs}
+    with pytest.raises(error, match=argument):
+        fpr_mix(**call)

@@ -1,0 +1,315 @@
+"""Isotropic heads: formulas vs float64 transcriptions, parameters, buffers, state_dict, AMP, bad input."""
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dismax_plugin import (
+    HEADS,
+    DisMaxHead,
+    DisMaxLoss,
+    IsoMaxHead,
+    IsoMaxLoss,
+    IsoMaxPlusHead,
+    PrototypeHead,
+    create_head,
+    dismax_loss,
+    fpr_mix,
+    scores,
+)
+
+HEAD_CLASSES = [IsoMaxHead, IsoMaxPlusHead, DisMaxHead]
+
+
+def randn(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def reference_logits(head, features):
+    """Float64 transcription of the papers' formulas (explicit differences, F.normalize)."""
+    f = features.detach().double()
+    p = head.prototypes.detach().double()
+    t = float(head.temperature)
+    if isinstance(head, IsoMaxPlusHead):
+        s = abs(float(head.distance_scale.detach()))
+        d = (F.normalize(f)[:, None, :] - F.normalize(p)[None, :, :]).norm(dim=-1)
+        if isinstance(head, DisMaxHead):
+            d = s * d / math.sqrt(2.0)
+            return -(d + d.mean(dim=1, keepdim=True)) / t
+        return -s * d / t
+    return -(f[:, None, :] - p[None, :, :]).norm(dim=-1) / t
+
+
+def make_head(cls, in_features=24, num_classes=7, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    head = cls(in_features, num_classes, dtype=dtype)
+    with torch.no_grad():
+        head.prototypes.copy_(randn(num_classes, in_features, seed=seed + 1, dtype=dtype))
+        if isinstance(head, IsoMaxPlusHead):
+            head.distance_scale.fill_(-2.5)  # the sign must not matter: |s|
+    return head
+
+
+# ----------------------------------------------------------------------------------------------- formulas
+@pytest.mark.parametrize("cls", HEAD_CLASSES)
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+def test_logits_match_float64_transcription(cls, temperature):
+    head = make_head(cls)
+    head.set_temperature(temperature)
+    features = randn(33, 24, seed=2)
+    logits = head(features)
+    assert logits.shape == (33, 7) and logits.dtype == torch.float32
+    want = reference_logits(head, features)
+    assert (logits.double() - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max()))
+    with torch.no_grad():
+        torch.testing.assert_close(head(features), logits.detach())
+
+
+@pytest.mark.parametrize("cls", HEAD_CLASSES)
+def test_float64_head_matches_transcription_tightly(cls):
+    head = make_head(cls, dtype=torch.float64)
+    features = randn(9, 24, seed=3, dtype=torch.float64)
+    torch.testing.assert_close(head(features), reference_logits(head, features), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", HEAD_CLASSES)
+def test_logits_are_non_positive_and_largest_at_the_nearest_prototype(cls):
+    head = make_head(cls)
+    features = head.prototypes.detach()[[4, 1, 6]] * 3.0  # same direction as prototypes 4, 1, 6
+    if cls is IsoMaxHead:
+        features = head.prototypes.detach()[[4, 1, 6]] + 0.01
+    logits = head(features)
+    assert logits.argmax(dim=1).tolist() == [4, 1, 6]
+    assert (logits <= 1e-6).all()
+
+
+def test_dismax_logits_are_distance_plus_mean_distance():
+    head = make_head(DisMaxHead)
+    features = randn(5, 24, seed=4)
+    d = head.scaled_distances(features) / math.sqrt(2.0)
+    torch.testing.assert_close(head(features), -(d + d.mean(dim=1, keepdim=True)))
+
+
+@pytest.mark.parametrize("cls", HEAD_CLASSES)
+def test_gradients_reach_features_prototypes_and_scale(cls):
+    head = make_head(cls)
+    features = randn(10, 24, seed=5).requires_grad_(True)
+    loss = dismax_loss(head(features), torch.arange(10) % 7)
+    loss.backward()
+    params = dict(head.named_parameters())
+    assert set(params) == ({"prototypes", "distance_scale"} if cls is not IsoMaxHead else {"prototypes"})
+    for tensor in [features, *params.values()]:
+        assert tensor.grad is not None and torch.isfinite(tensor.grad).all() and tensor.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cls", HEAD_CLASSES)
+def test_finite_gradient_when_a_feature_sits_on_a_prototype(cls):
+    head = make_head(cls)
+    features = head.prototypes.detach()[:3].clone().requires_grad_(True)
+    logits = head(features)
+    assert torch.isfinite(logits).all()
+    logits.sum().backward()
+    assert torch.isfinite(features.grad).all() and torch.isfinite(head.prototypes.grad).all()
+
+
+# ----------------------------------------------------------------------------------------------- construction
+@pytest.mark.parametrize("cls", HEAD_CLASSES)
+def test_attributes_and_initialisation(cls):
+    torch.manual_seed(0)
+    head = cls(200, 60)
+    assert (head.in_features, head.num_classes) == (200, 60)
+    assert isinstance(head, PrototypeHead) and head.prototypes.shape == (60, 200)
+    assert isinstance(head.prototypes, torch.nn.Parameter)
+    if cls is IsoMaxHead:
+        assert torch.count_nonzero(head.prototypes) == 0
+        assert not hasattr(head, "distance_scale")
+    else:  # N(0, 1): 12 000 draws
+        p = head.prototypes.detach()
+        assert abs(float(p.mean())) < 0.05 and abs(float(p.std()) - 1.0) < 0.05
+        assert isinstance(head.distance_scale, torch.nn.Parameter) and head.distance_scale.tolist() == [1.0]
+    buffers = dict(head.named_buffers())
+    assert float(buffers["temperature"]) == 1.0 and "temperature" not in dict(head.named_parameters())
+    assert buffers["thresholds"].numel() == 0 and head.stored_score is None and head.stored_thresholds == {}
+
+
+@pytest.mark.parametrize("cls", HEAD_CLASSES)
+def test_device_and_dtype_are_honoured(cls):
+    head = cls(6, 3, device="meta", dtype=torch.float64)
+    for name, tensor in [*head.named_parameters(), *head.named_buffers()]:
+        assert tensor.device.type == "meta", name
+    assert head.prototypes.dtype == torch.float64 and head.temperature.dtype == torch.float64
+    cpu = cls(6, 3, dtype=torch.float64)
+    assert cpu(torch.randn(2, 6, dtype=torch.float64)).dtype == torch.float64
+    materialised = head.to_empty(device="cpu")  # meta-device initialisation flow
+    assert materialised.thresholds.device.type == "cpu" and materialised.thresholds.dtype == torch.float64
+
+
+def test_isomax_zero_init_gives_uniform_logits_and_can_learn():
+    head = IsoMaxHead(5, 4)
+    features = randn(3, 5, seed=6)
+    logits = head(features)
+    torch.testing.assert_close(logits, -features.norm(dim=1, keepdim=True).expand(3, 4))
+    dismax_loss(logits, torch.tensor([0, 1, 2])).backward()
+    assert head.prototypes.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cls", HEAD_CLASSES)
+def test_temperature_divides_the_logits(cls):
+    head = make_head(cls)
+    features = randn(4, 24, seed=7)
+    base = head(features).detach()
+    head.set_temperature(4.0)
+    torch.testing.assert_close(head(features), base / 4.0)
+    torch.testing.assert_close(head.distance_logits(features), base)
+    assert "temperature=4" in repr(head)
+
+
+@pytest.mark.parametrize("name, cls, default_score", [
+    ("isomax", IsoMaxHead, "es"), ("isomaxplus", IsoMaxPlusHead, "mds"), ("dismax", DisMaxHead, "mmles")])
+def test_registry_and_default_scores(name, cls, default_score):
+    assert HEADS[name] is cls and cls.default_score == default_score
+    head = create_head(name.upper(), 4, 3)
+    assert type(head) is cls
+    logits = randn(5, 3, seed=8)
+    torch.testing.assert_close(head.ood_score(logits), getattr(scores, default_score)(logits))
+    torch.testing.assert_close(head.ood_score(logits, "mps"), scores.mps(logits))
+
+
+@pytest.mark.parametrize("cls", HEAD_CLASSES)
+def test_extra_repr_is_readable(cls):
+    head = make_head(cls)
+    text = repr(head)
+    assert text.startswith(cls.__name__ + "(") and "in_features=24, num_classes=7" in text
+    if cls is not IsoMaxHead:
+        assert "distance_scale=2.5" in text
+    head.set_thresholds({0.95: -1.5})
+    assert f"thresholds[{cls.default_score}]" in repr(head)
+
+
+@pytest.mark.parametrize("cls", HEAD_CLASSES)
+def test_pre_logits_returns_the_features(cls):
+    head = make_head(cls)
+    features = randn(2, 24)
+    assert head(features, pre_logits=True) is features
+
+
+@pytest.mark.parametrize("cls", HEAD_CLASSES)
+def test_reset_changes_the_class_count_and_clears_thresholds(cls):
+    head = make_head(cls)
+    head.set_thresholds({0.9: -2.0})
+    head.reset(11)
+    assert head.num_classes == 11 and head.prototypes.shape == (11, 24) and head.stored_score is None
+    assert head(randn(3, 24)).shape == (3, 11)
+    if cls is not IsoMaxHead:
+        assert head.distance_scale.tolist() == [1.0]  # a fresh head: the scale is re-initialised too
+
+
+# ----------------------------------------------------------------------------------------------- state
+@pytest.mark.parametrize("cls", HEAD_CLASSES)
+def test_state_dict_round_trip_into_a_fresh_head(cls):
+    head = make_head(cls)
+    head.set_temperature(1.3)
+    head.set_thresholds({0.9: -3.25, 0.95: -4.5}, score_name="mps")
+    expected_keys = {"prototypes", "temperature", "thresholds", "threshold_tprs", "threshold_score"}
+    if cls is not IsoMaxHead:
+        expected_keys.add("distance_scale")
+    state = head.state_dict()
+    assert set(state) == expected_keys
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    fresh = cls(24, 7)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
+    features = randn(6, 24, seed=9)
+    torch.testing.assert_close(fresh(features), head(features))
+    assert float(fresh.temperature) == pytest.approx(1.3)
+    assert fresh.stored_score == "mps" and fresh.stored_thresholds == {0.9: -3.25, 0.95: -4.5}
+    logits = head(features)
+    assert torch.equal(fresh.is_ood(logits, tpr=0.9), head.is_ood(logits, tpr=0.9))
+    # ... and back into a head that holds a different number of thresholds
+    other = cls(24, 7)
+    other.set_thresholds({0.99: 1.0})
+    other.load_state_dict(head.state_dict())
+    assert other.stored_thresholds == head.stored_thresholds
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_dtype_conversion_keeps_thresholds_exact(dtype):
+    head = make_head(DisMaxHead)
+    head.set_thresholds({0.95: -1.2345678, 0.9: -1.0})
+    head = head.to(dtype)
+    assert head.prototypes.dtype == dtype and head.thresholds.dtype == torch.float64
+    assert head.stored_thresholds == {0.95: -1.2345678, 0.9: -1.0}
+    logits = head(randn(4, 24, seed=10).to(dtype))
+    flags = head.is_ood(logits, tpr=0.95)
+    assert torch.equal(flags, scores.mmles(logits) < -1.2345678)
+
+
+# ----------------------------------------------------------------------------------------------- AMP
+@pytest.mark.parametrize("cls", HEAD_CLASSES)
+@pytest.mark.parametrize("loss_fn", [IsoMaxLoss(), DisMaxLoss()])
+@pytest.mark.parametrize("soft", [False, True])
+def test_bfloat16_autocast_gives_finite_loss_and_gradients(cls, loss_fn, soft):
+    head = make_head(cls, in_features=32, num_classes=6)
+    images = randn(8, 2, 4, 4, seed=11)
+    labels = torch.arange(8) % 6
+    targets = fpr_mix(images, labels, 6, generator=torch.Generator().manual_seed(0))[1] if soft else labels
+    features = randn(8, 32, seed=12).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(features)
+        loss = loss_fn(logits, targets)
+    reference = reference_logits(head, features)
+    assert (logits.double() - reference).abs().max() <= 2e-2 * max(1.0, float(reference.abs().max()))
+    assert torch.isfinite(loss)
+    loss.backward()
+    for tensor in [features, *head.parameters()]:
+        assert torch.isfinite(tensor.grad).all() and tensor.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("cls", HEAD_CLASSES)
+@pytest.mark.parametrize("args, error, argument", [
+    ((0, 3), ValueError, "in_features"),
+    ((4.0, 3), TypeError, "in_features"),
+    ((4, 1), ValueError, "num_classes"),
+    ((4, True), TypeError, "num_classes"),
+])
+def test_bad_constructor_arguments(cls, args, error, argument):
+    with pytest.raises(error, match=argument):
+        cls(*args)
+
+
+@pytest.mark.parametrize("features, error", [
+    (torch.zeros(3, 5), ValueError),     # wrong width
+    (torch.zeros(3, 1, 4), ValueError),  # wrong rank
+    (torch.zeros(4), ValueError),
+    ([[0.0] * 4], TypeError),
+])
+def test_bad_features(features, error):
+    head = DisMaxHead(4, 3)
+    with pytest.raises(error, match=r"features must .*\[B, 4\]"):
+        head(features)
+
+
+@pytest.mark.parametrize("call, error, argument", [
+    (lambda h: h.set_temperature(0.0), ValueError, "temperature"),
+    (lambda h: h.set_thresholds({0.95: 1.0}, score_name="energy"), ValueError, "score_name"),
+    (lambda h: h.set_thresholds({}), ValueError, "thresholds"),
+    (lambda h: h.set_thresholds({1.5: 1.0}), ValueError, "tpr"),
+    (lambda h: h.set_thresholds({0.9: float("nan")}), ValueError, "thresholds"),
+    (lambda h: h.reset(1), ValueError, "num_classes"),
+    (lambda h: create_head("softmax", 4, 3), ValueError, "head"),
+])
+def test_bad_head_arguments(call, error, argument):
+    with pytest.raises(error, match=argument):
+        call(DisMaxHead(4, 3))
+
+
+def test_unknown_head_name_lists_the_known_ones():
+    with pytest.raises(ValueError) as info:
+        create_head("softmax", 4, 3)
+    for name in HEADS:
+        assert name in str(info.value)

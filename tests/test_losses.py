@@ -1,0 +1,185 @@
+"""IsoMax and DisMax losses vs float64 transcriptions; targets; stability at large logit gaps; bad input."""
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+from dismax_plugin import DisMaxLoss, IsoMaxLoss, dismax_loss, isomax_loss
+
+LOSS_FUNCTIONS = [isomax_loss, dismax_loss]
+
+
+def randn(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def log_softmax64(z):
+    """Float64 log-softmax written out: z - max - log(sum(exp(z - max)))."""
+    z = z.double()
+    shifted = z - z.max(dim=1, keepdim=True).values
+    return shifted - shifted.exp().sum(dim=1, keepdim=True).log()
+
+
+def reduce(per_sample, reduction):
+    return {"mean": per_sample.mean(), "sum": per_sample.sum(), "none": per_sample}[reduction]
+
+
+def soft_targets(batch, classes, seed):
+    raw = torch.rand(batch, classes, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    raw[raw < 0.5] = 0.0
+    raw[:, 0] += 1e-3
+    return raw / raw.sum(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("scale", [10.0, 1.0, 3.5])
+def test_isomax_loss_is_cross_entropy_of_scaled_logits(reduction, scale):
+    logits, labels = -randn(12, 5, seed=1).abs(), torch.arange(12) % 5
+    got = isomax_loss(logits, labels, entropic_scale=scale, reduction=reduction)
+    per_sample = -log_softmax64(scale * logits.double())[torch.arange(12), labels]
+    torch.testing.assert_close(got.double(), reduce(per_sample, reduction), rtol=1e-6, atol=1e-6)
+    module = IsoMaxLoss(entropic_scale=scale, reduction=reduction)
+    torch.testing.assert_close(module(logits, labels), got)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_isomax_loss_with_soft_targets(reduction):
+    logits, targets = randn(9, 6, seed=2), soft_targets(9, 6, seed=3)
+    got = isomax_loss(logits, targets.float(), reduction=reduction)
+    per_sample = -(targets * log_softmax64(10.0 * logits.double())).sum(dim=1)
+    torch.testing.assert_close(got.double(), reduce(per_sample, reduction), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 0.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_dismax_loss_ce_on_one_hot_rows_and_alpha_kl_on_fractional_rows(alpha, reduction):
+    logits = randn(10, 4, seed=4)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 1])
+    targets = torch.nn.functional.one_hot(labels, 4).double()
+    targets[6:] = torch.tensor([[0.25, 0.25, 0.5, 0.0], [0.0, 0.75, 0.0, 0.25],
+                                [0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0]], dtype=torch.float64)
+    got = dismax_loss(logits, targets.float(), alpha=alpha, reduction=reduction)
+    log_p = log_softmax64(10.0 * logits)
+    ce = -(targets * log_p).sum(dim=1)
+    kl = (torch.special.xlogy(targets, targets) - targets * log_p).sum(dim=1)
+    per_sample = torch.cat([ce[:6], alpha * kl[6:]])
+    torch.testing.assert_close(got.double(), reduce(per_sample, reduction), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(DisMaxLoss(alpha=alpha, reduction=reduction)(logits, targets), got)
+
+
+@pytest.mark.parametrize("fn", LOSS_FUNCTIONS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_soft_one_hot_targets_equal_hard_targets(fn, reduction):
+    logits, labels = randn(8, 7, seed=5), torch.tensor([6, 0, 3, 3, 1, 2, 5, 4])
+    for dtype in (torch.float32, torch.float64, torch.float16):
+        one_hot = torch.nn.functional.one_hot(labels, 7).to(dtype)
+        torch.testing.assert_close(fn(logits, one_hot, reduction=reduction), fn(logits, labels, reduction=reduction))
+
+
+def test_dismax_loss_with_hard_targets_equals_isomax_loss():
+    logits, labels = randn(16, 10, seed=6), torch.arange(16) % 10
+    torch.testing.assert_close(dismax_loss(logits, labels, alpha=0.3), isomax_loss(logits, labels))
+
+
+@pytest.mark.parametrize("fn", LOSS_FUNCTIONS)
+def test_gradients_match_finite_differences(fn):
+    logits = randn(5, 4, seed=7, dtype=torch.float64).requires_grad_(True)
+    targets = soft_targets(5, 4, seed=8)
+    targets[0] = torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    assert gradcheck(lambda z: fn(z, targets, entropic_scale=2.0), (logits,))
+    assert gradcheck(lambda z: fn(z, torch.tensor([3, 0, 1, 2, 2]), entropic_scale=2.0), (logits,))
+
+
+@pytest.mark.parametrize("fn", LOSS_FUNCTIONS)
+@pytest.mark.parametrize("gap", [1e2, 1e3, 1e4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("soft", [False, True])
+def test_large_logit_gaps_stay_finite(fn, gap, dtype, soft):
+    # log(softmax) underflows to log(0) = -inf here; the exact loss of the wrong class is E * gap.
+    logits = torch.tensor([[0.0, -gap, -gap], [-gap, 0.0, -gap]], dtype=dtype, requires_grad=True)
+    labels = torch.tensor([1, 1])
+    targets = torch.nn.functional.one_hot(labels, 3).to(dtype) if soft else labels
+    loss = fn(logits, targets, reduction="none")
+    gap_in_dtype = float(torch.tensor(gap, dtype=dtype))
+    torch.testing.assert_close(loss.double(), torch.tensor([10.0 * gap_in_dtype, 0.0], dtype=torch.float64),
+                               rtol=1e-6, atol=1e-6)
+    loss.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("fn", LOSS_FUNCTIONS)
+def test_fractional_targets_at_large_gaps_stay_finite(fn):
+    logits = torch.tensor([[0.0, -1e4, -1e4, -1e4]], requires_grad=True)
+    targets = torch.tensor([[0.25, 0.25, 0.5, 0.0]])
+    loss = fn(logits, targets)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("fn", LOSS_FUNCTIONS)
+def test_no_class_by_class_matrix_is_built(fn, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.eye called")
+
+    monkeypatch.setattr(torch, "eye", refuse)
+    logits = randn(4, 50_000, seed=9)
+    labels = torch.tensor([0, 49_999, 7, 123])
+    assert torch.isfinite(fn(logits, labels))
+    assert torch.isfinite(fn(logits, torch.nn.functional.one_hot(labels, 50_000).float()))
+
+
+def test_losses_compute_on_the_inputs_device_and_return_float():
+    logits, labels = randn(3, 4, seed=10, dtype=torch.float64), torch.tensor([0, 1, 2])
+    assert isomax_loss(logits, labels).dtype == torch.float64
+    assert dismax_loss(logits.half(), labels).dtype == torch.float32
+    assert isomax_loss(logits.bfloat16(), labels).dtype == torch.float32
+
+
+def test_module_repr_and_defaults():
+    assert repr(IsoMaxLoss()) == "IsoMaxLoss(entropic_scale=10.0, reduction='mean')"
+    assert repr(DisMaxLoss(alpha=0.5)) == "DisMaxLoss(entropic_scale=10.0, alpha=0.5, reduction='mean')"
+    logits, labels = randn(6, 3, seed=11), torch.tensor([0, 1, 2, 0, 1, 2])
+    torch.testing.assert_close(IsoMaxLoss()(logits, labels), isomax_loss(logits, labels, 10.0))
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+LOGITS = torch.zeros(4, 3)
+LABELS = torch.tensor([0, 1, 2, 0])
+
+
+@pytest.mark.parametrize("fn", LOSS_FUNCTIONS)
+@pytest.mark.parametrize("kwargs, error, argument", [
+    ({"entropic_scale": 0.0}, ValueError, "entropic_scale"),
+    ({"entropic_scale": -1.0}, ValueError, "entropic_scale"),
+    ({"entropic_scale": "10"}, TypeError, "entropic_scale"),
+    ({"reduction": "avg"}, ValueError, "reduction"),
+    ({"targets": torch.tensor([0, 1, 3, 0])}, ValueError, r"targets must be class indices in \[0, 2\]"),
+    ({"targets": torch.tensor([0, -1, 2, 0])}, ValueError, r"targets must be class indices in \[0, 2\]"),
+    ({"targets": torch.tensor([0, 1, 2])}, ValueError, "targets has 3 entries but the batch has 4"),
+    ({"targets": torch.full((4, 2), 0.5)}, ValueError, r"soft targets must have the shape of the logits \(4, 3\)"),
+    ({"targets": torch.full((4, 3), 0.5)}, ValueError, "each row of soft targets must sum to 1"),
+    ({"targets": torch.tensor([[1.5, -0.5, 0.0]] * 4)}, ValueError, "soft targets must be non-negative"),
+    ({"targets": torch.tensor([0.0, 1.0, 2.0, 0.0])}, TypeError, r"targets of shape \[B\] must hold integer"),
+    ({"targets": torch.ones(4, 3, dtype=torch.long)}, TypeError, "soft targets of shape"),
+    ({"targets": [0, 1, 2, 0]}, TypeError, "targets must be a torch.Tensor"),
+    ({"logits": torch.zeros(4)}, ValueError, r"logits must have shape \[B, C\]"),
+    ({"logits": torch.zeros(4, 1)}, ValueError, r"logits must have shape \[B, C\] with C >= 2"),
+    ({"logits": torch.zeros(4, 3, dtype=torch.long)}, TypeError, "logits must be a floating-point"),
+])
+def test_bad_loss_arguments(fn, kwargs, error, argument):
+    call = {"logits": LOGITS, "targets": LABELS, **kwargs}
+    with pytest.raises(error, match=argument):
+        fn(**call)
+
+
+@pytest.mark.parametrize("make, argument", [
+    (lambda: IsoMaxLoss(entropic_scale=0.0), "entropic_scale"),
+    (lambda: DisMaxLoss(entropic_scale=-2.0), "entropic_scale"),
+    (lambda: DisMaxLoss(alpha=-0.1), "alpha"),
+    (lambda: IsoMaxLoss(reduction="batchmean"), "reduction"),
+    (lambda: dismax_loss(LOGITS, LABELS, alpha=-1.0), "alpha"),
+])
+def test_bad_loss_module_arguments(make, argument):
+    with pytest.raises(ValueError, match=argument):
+        make()
