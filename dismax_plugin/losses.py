@@ -71,16 +71,21 @@ def dismax_loss(
 ) -> torch.Tensor:
     r"""DisMax loss with fractional probability regularisation (FPR).
 
-    Rows whose target is one-hot (or a class index) contribute the cross-entropy of :math:`E z`; rows
-    whose target is fractional (the stitched images of :func:`fpr_mix`, or any other soft target)
-    contribute :math:`\alpha\,\mathrm{KL}(t \,\Vert\, \mathrm{softmax}(E z))`. With the batch from
-    :func:`fpr_mix` (half clean, half stitched) the mean is the paper's objective
-    :math:`(\overline{\mathrm{CE}}_{clean} + \alpha\,\overline{\mathrm{KL}}_{mixed}) / 2`. With class-index
-    targets it equals :func:`isomax_loss`.
+    Rows whose target is one-hot (or a class index) are *clean* and contribute the cross-entropy of
+    :math:`E z`; rows whose target is fractional (the stitched images of :func:`fpr_mix`, or any other soft
+    target) are *mixed* and contribute :math:`\mathrm{KL}(t \,\Vert\, \mathrm{softmax}(E z))`. With
+    ``reduction="mean"`` this is the paper's objective for any batch size,
+
+    .. math:: \mathcal{L} = \tfrac12\bigl(\overline{\mathrm{CE}}_{clean} + \alpha\,\overline{\mathrm{KL}}_{mixed}\bigr),
+
+    or the one mean that exists when the batch has only clean (:math:`\overline{\mathrm{CE}}`) or only mixed
+    rows (:math:`\alpha\,\overline{\mathrm{KL}}`). ``"sum"``/``"none"`` give the per-row terms, mixed rows
+    weighted by :math:`\alpha`. With class-index targets it equals :func:`isomax_loss`. (A stitched image whose
+    four sources share one class has a one-hot target and counts as clean; its KL equals its CE.)
 
     :param logits: :math:`B \times C` from a :class:`DisMaxHead`.
     :param targets: class indices :math:`B` or soft targets :math:`B \times C`.
-    :param alpha: weight :math:`\alpha \ge 0` of the KL term on fractional rows.
+    :param alpha: weight :math:`\alpha \ge 0` of the KL term on mixed rows.
     """
     scaled, reduction = _prepare(logits, targets, entropic_scale, reduction)
     check_positive("alpha", alpha, minimum=0.0)
@@ -89,9 +94,17 @@ def dismax_loss(
     soft = targets.to(scaled.dtype)
     cross_entropy = _soft_cross_entropy(F.log_softmax(scaled, dim=1), soft)
     neg_entropy = torch.special.xlogy(soft, soft).sum(dim=1)  # sum t log t, 0 for one-hot rows
-    fractional = soft.amax(dim=1) < 1.0 - 1e-6
-    weight = torch.where(fractional, torch.full_like(cross_entropy, float(alpha)), torch.ones_like(cross_entropy))
-    return _reduce(weight * (cross_entropy + neg_entropy), reduction)
+    per_row = cross_entropy + neg_entropy  # KL(t || q); equals the CE on one-hot rows
+    mixed = soft.amax(dim=1) < 1.0 - 1e-6
+    if reduction != "mean":
+        return _reduce(torch.where(mixed, float(alpha) * per_row, per_row), reduction)
+    if per_row.numel() == 0:
+        return per_row.sum()
+    n_mixed = mixed.sum().to(per_row.dtype)
+    n_clean = mixed.numel() - n_mixed
+    weight = torch.where(mixed, float(alpha) / n_mixed.clamp_min(1), 1.0 / n_clean.clamp_min(1))
+    both = (n_mixed > 0) & (n_clean > 0)
+    return torch.where(both, 0.5, 1.0).to(per_row.dtype) * (weight * per_row).sum()
 
 
 class IsoMaxLoss(nn.Module):

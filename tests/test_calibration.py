@@ -121,3 +121,16 @@ LABELS = torch.tensor([0, 1, 2, 0])
 def test_bad_calibration_arguments(call, error, argument):
     with pytest.raises(error, match=argument):
         call()
+
+
+@pytest.mark.parametrize("objective", ["ece", "nll"])
+def test_perfectly_separated_data_does_not_drive_the_temperature_to_the_bound(objective):
+    # Every sample is classified correctly with a modest margin: both objectives keep falling as T -> 0.
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (200,), generator=generator)
+    logits = 0.3 * torch.randn(200, 4, generator=generator)
+    logits[torch.arange(200), labels] += 2.0
+    assert bool((logits.argmax(1) == labels).all())
+    temperature = calibrate_temperature(logits, labels, objective=objective)
+    assert 0.05 < temperature < 1.0  # sharpened, yet well inside the default bounds (0.01, 100)
+    assert expected_calibration_error(logits / temperature, labels) < 0.01

@@ -122,6 +122,7 @@ def paper_objective(logits, targets, n_clean, entropic_scale, alpha):
     (16, 3, 1.0, 1),     # many repeats: some stitched rows can be one-hot
     (8, 8, 0.3, None),   # distinct labels: every stitched row is fractional, alpha != 1
     (12, 20, 2.0, None),
+    (9, 12, 0.5, None),  # odd batch: 5 clean rows, 4 stitched rows
 ])
 def test_dismax_loss_on_an_fpr_batch_is_the_papers_objective(size, classes, alpha, labels_seed):
     images = torch.randn(size, 3, 4, 4, generator=gen(13))

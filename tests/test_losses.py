@@ -63,8 +63,21 @@ def test_dismax_loss_ce_on_one_hot_rows_and_alpha_kl_on_fractional_rows(alpha, r
     ce = -(targets * log_p).sum(dim=1)
     kl = (torch.special.xlogy(targets, targets) - targets * log_p).sum(dim=1)
     per_sample = torch.cat([ce[:6], alpha * kl[6:]])
-    torch.testing.assert_close(got.double(), reduce(per_sample, reduction), rtol=1e-6, atol=1e-5)
+    # "mean" is the paper's (mean CE over clean rows + alpha * mean KL over mixed rows) / 2, here 6 vs 4 rows
+    want = (ce[:6].mean() + alpha * kl[6:].mean()) / 2 if reduction == "mean" else reduce(per_sample, reduction)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(DisMaxLoss(alpha=alpha, reduction=reduction)(logits, targets), got)
+
+
+def test_dismax_loss_mean_of_one_group_only():
+    logits, labels = randn(5, 4, seed=8), torch.tensor([0, 1, 2, 3, 0])
+    one_hot = torch.nn.functional.one_hot(labels, 4).double()
+    torch.testing.assert_close(dismax_loss(logits, one_hot), dismax_loss(logits, labels))
+    mixed = torch.full((5, 4), 0.25, dtype=torch.float64)
+    log_p = log_softmax64(10.0 * logits)
+    kl = (torch.special.xlogy(mixed, mixed) - mixed * log_p).sum(dim=1)
+    got = dismax_loss(logits, mixed.float(), alpha=0.3).double()
+    torch.testing.assert_close(got, 0.3 * kl.mean(), rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("fn", LOSS_FUNCTIONS)
