@@ -41,7 +41,7 @@ def test_train_writes_checkpoint_model_and_prints_table(trained_run):
     assert {"model", "optimizer", "scheduler", "rng", "history"} <= set(ckpt)
     assert (out / "model" / "model.safetensors").is_file()
     # the evaluation table names every OOD set of the digits benchmark and every native score
-    for name in ("mmles", "mps", "es", "mds", "mmls", "mean", "AUROC", "FPR95-ID"):
+    for name in ("MMLES", "MPS", "ES", "MDS", "MMLS", "mean", "AUROC", "FPR95-ID", "digits_6_9", "uniform_noise"):
         assert name in stdout
     assert "calibration: temperature" in stdout
 
@@ -65,7 +65,7 @@ def test_evaluate_and_calibrate_commands(trained_run, capsys):
     out, _ = trained_run
     code, stdout, _ = _run(["evaluate", "--checkpoint", str(out), "--data", "digits", "--no-track"], capsys)
     assert code == 0
-    assert "mmles" in stdout and "AUROC" in stdout
+    assert "MMLES" in stdout and "AUROC" in stdout
     code, stdout, _ = _run(["calibrate", "--checkpoint", str(out), "--data", "digits", "--calibration", "nll"], capsys)
     assert code == 0 and "temperature" in stdout
     from dismax_plugin.adapters import timm as dtimm

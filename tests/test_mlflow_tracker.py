@@ -251,8 +251,7 @@ def _outage(server, tmp_path):
 
     def outage(epoch):
         if epoch == 1:
-            server.stop()
-            server.start()  # same port and store; it answers only after ~15 s, so the run goes on offline
+            server.stop()  # restarted below, on the same port and store, once the offline part is checked
             begin = time.monotonic()
             tracker.log_metrics({"val_acc": 0.1}, step=epoch)  # the first call finds the server gone
             timings["first"] = time.monotonic() - begin
@@ -271,7 +270,7 @@ def _outage(server, tmp_path):
     assert tracker.offline and tracker.pending >= 6
     assert timings["first"] < 15 and timings["offline"] < 10, timings  # offline calls do not wait on the network
 
-    assert not server.healthy()  # still starting: `second` and `third` find it down too
+    assert not server.healthy()  # still down: `second` and `third` find it down too
     with pytest.warns(TrackingUnavailableWarning, match="unreachable"):
         third.log_metrics({"acc": 0.5}, step=1)
     third.log_metrics({"acc": 0.6}, step=2)
@@ -295,7 +294,7 @@ def _outage(server, tmp_path):
     assert open(png, "rb").read(4) == b"\x89PNG"
     assert str((tmp_path / "fallback" / "mlflow-artifacts").resolve()) in saved.info.artifact_uri
 
-    server.wait(90)
+    server.start().wait(90)
     third.log_metrics({"acc": 0.7}, step=3)  # finds the server back: sends its queue, then this
     assert not third.offline and third.pending == 0
     assert _metric_steps(_client(server.uri), third.run_id, "acc") == [(1, 0.5), (2, 0.6), (3, 0.7)]
