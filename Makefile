@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m dismax_plugin compare
+	$(PY) -m dismax_plugin compare --output runs/make-run --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q

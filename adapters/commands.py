@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -46,11 +47,22 @@ def _make_tracker(args: argparse.Namespace, fallback_dir: str) -> Tracker:
     )
 
 
-def _start(tracker: Tracker, run_name: str | None, tags: dict[str, str]) -> None:
+@contextlib.contextmanager
+def _tracked(tracker: Tracker, run_name: str | None, tags: dict[str, str]):
+    """Start the run (an unusable tracking URI is a usage error) and end it with the outcome's status."""
     try:
         tracker.start(run_name=run_name, tags=tags)
     except (ValueError, ConnectionError, OSError) as error:
         raise ConfigError(f"--tracking-uri: {error}") from error
+    try:
+        yield tracker
+    except (Interrupted, KeyboardInterrupt):
+        tracker.end("KILLED")
+        raise
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end("FINISHED")
 
 
 def _train_config(args: argparse.Namespace, **overrides) -> TrainConfig:
@@ -152,16 +164,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if detectors and cfg.head != "linear":
         raise ConfigError("--detectors applies to --head linear (post-hoc detectors on a cross-entropy model).")
     tracker = _make_tracker(args, cfg.output)
-    _start(tracker, args.run_name or os.path.basename(cfg.output), {"command": "train"})
-    try:
+    with _tracked(tracker, args.run_name or os.path.basename(cfg.output), {"command": "train"}):
         _train_and_report(cfg, tracker, detectors)
-    except Interrupted:
-        tracker.end("KILLED")
-        raise
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    tracker.end("FINISHED")
     return 0
 
 
@@ -203,29 +207,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     iso_cfg = dataclasses.replace(base, output=os.path.join(base.output, "isotropic"))
     ce_cfg = dataclasses.replace(base, head="linear", fpr=False, output=os.path.join(base.output, "baseline"))
     tracker = _make_tracker(args, base.output)
-    _start(tracker, args.run_name or os.path.basename(base.output), {"command": "compare"})
-    try:
+    with _tracked(tracker, args.run_name or os.path.basename(base.output), {"command": "compare"}):
         with tracker.child(args.head) as child:
             _, iso_rows = _train_and_report(iso_cfg, child, [], quiet=True)
         with tracker.child("linear") as child:
             _, ce_rows = _train_and_report(ce_cfg, child, detectors, quiet=True)
         if _is_main_process():
             rows = iso_rows + ce_rows
-            log.info(
-                "\nComparison on %s (%s, %s head vs cross-entropy twin):\n%s",
-                base.data,
-                base.model,
-                base.head,
-                format_table(rows),
-            )
+            title = f"Comparison on {base.data} ({base.model}, {base.head} head vs cross-entropy twin)"
+            log.info("\n%s:\n%s", title, format_table(rows))
             tracker.log_table(rows, "comparison.json")
-    except Interrupted:
-        tracker.end("KILLED")
-        raise
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    tracker.end("FINISHED")
     return 0
 
 
@@ -254,31 +245,23 @@ def _load_for_eval(args: argparse.Namespace):
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from torch.utils.data import DataLoader
+
+    from .compare import format_table
+
+    detectors = _detector_names(args)
     model, data, path = _load_for_eval(args)
     tracker = _make_tracker(args, os.path.dirname(os.path.abspath(path)))
-    _start(tracker, args.run_name or f"evaluate-{_slug(args.data)}", {"command": "evaluate", "checkpoint": path})
-    try:
-        from torch.utils.data import DataLoader
-
-        from .compare import format_table
-
+    tags = {"command": "evaluate", "checkpoint": path}
+    with _tracked(tracker, args.run_name or f"evaluate-{_slug(args.data)}", tags):
         device = next(model.parameters()).device
         fit_loader = DataLoader(data.fit, batch_size=args.eval_batch_size, shuffle=False)
         evaluation = evaluate_model(
-            model,
-            data,
-            batch_size=args.eval_batch_size,
-            device=device,
-            workers=args.workers,
-            detectors=_detector_names(args),
-            fit_loader=fit_loader,
-        )
+            model, data, batch_size=args.eval_batch_size, device=device, workers=args.workers,
+            detectors=detectors, fit_loader=fit_loader,
+        )  # fmt: skip
         log.info("\n%s on %s:\n%s", path, args.data, format_table(evaluation["rows"]))
         _log_evaluation(tracker, evaluation, None)
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    tracker.end("FINISHED")
     return 0
 
 

@@ -227,18 +227,25 @@ class DisMaxDetector(LogitsDetector):
 
 
 # -------------------------------------------------------------------- losses
-def _drop_ood(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """Discard samples with class-index targets < 0 (with pytorch-ood's warning); soft targets pass."""
-    if isinstance(targets, Tensor) and targets.ndim == 1 and not targets.is_floating_point():
-        targets, logits = drop_unknown(targets, logits)
-    return logits, targets
+class _DropsUnknown:
+    """Discards samples with class-index targets < 0 (with pytorch-ood's warning); soft targets pass."""
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """
+        :param logits: logits :math:`B \\times C`
+        :param targets: class indices :math:`B` (values :math:`< 0` are dropped) or soft targets :math:`B \\times C`
+        :return: the loss
+        """
+        if isinstance(targets, Tensor) and targets.ndim == 1 and not targets.is_floating_point():
+            targets, logits = drop_unknown(targets, logits)
+        return super().forward(logits, targets)
 
 
 _LOSS_TASKS = {Task.CLASSIFICATION}
 _LOSS_INPUTS = {Representation.LOGITS}
 
 
-class IsoMaxLoss(_core_losses.IsoMaxLoss):
+class IsoMaxLoss(_DropsUnknown, _core_losses.IsoMaxLoss):
     r"""IsoMax loss for pytorch-ood: cross-entropy of the entropically scaled logits of an
     :class:`~dismax_plugin.IsoMaxHead`.
 
@@ -251,16 +258,8 @@ class IsoMaxLoss(_core_losses.IsoMaxLoss):
 
     info = LossInfo(tasks=_LOSS_TASKS, inputs=_LOSS_INPUTS, supervised=False, paper=ISOMAX_PAPER)
 
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """
-        :param logits: logits :math:`B \\times C`
-        :param targets: class indices :math:`B` (values :math:`< 0` are dropped) or soft targets :math:`B \\times C`
-        :return: the loss
-        """
-        return super().forward(*_drop_ood(logits, targets))
 
-
-class IsoMaxPlusLoss(_core_losses.IsoMaxLoss):
+class IsoMaxPlusLoss(_DropsUnknown, _core_losses.IsoMaxLoss):
     r"""IsoMax+ loss for pytorch-ood: the IsoMax loss on the logits of an :class:`~dismax_plugin.IsoMaxPlusHead`,
     :math:`z_j = -|s|\,\lVert \hat f - \hat p_j \rVert` (normalised features and prototypes).
 
@@ -272,16 +271,8 @@ class IsoMaxPlusLoss(_core_losses.IsoMaxLoss):
 
     info = LossInfo(tasks=_LOSS_TASKS, inputs=_LOSS_INPUTS, supervised=False, paper=ISOMAX_PLUS_PAPER)
 
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """
-        :param logits: logits :math:`B \\times C`
-        :param targets: class indices :math:`B` (values :math:`< 0` are dropped) or soft targets :math:`B \\times C`
-        :return: the loss
-        """
-        return super().forward(*_drop_ood(logits, targets))
 
-
-class DisMaxLoss(_core_losses.DisMaxLoss):
+class DisMaxLoss(_DropsUnknown, _core_losses.DisMaxLoss):
     r"""DisMax loss for pytorch-ood, on the logits of a :class:`~dismax_plugin.DisMaxHead`.
 
     Clean rows contribute :math:`-\log \mathrm{softmax}(E\,z)_y`; fractional rows (soft targets from
@@ -292,11 +283,3 @@ class DisMaxLoss(_core_losses.DisMaxLoss):
     """
 
     info = LossInfo(tasks=_LOSS_TASKS, inputs=_LOSS_INPUTS, supervised=False, paper=DISMAX_PAPER)
-
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """
-        :param logits: logits :math:`B \\times C`
-        :param targets: class indices :math:`B` (values :math:`< 0` are dropped) or soft targets :math:`B \\times C`
-        :return: the loss
-        """
-        return super().forward(*_drop_ood(logits, targets))

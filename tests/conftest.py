@@ -135,3 +135,14 @@ def mlflow_server_factory(tmp_path):
     finally:
         for server in servers:
             server.stop()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (the test machines are small and shared), restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

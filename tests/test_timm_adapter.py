@@ -24,12 +24,7 @@ from dismax_plugin.adapters import timm as dtimm
 HEAD_TYPES = {"dismax": DisMaxHead, "isomaxplus": IsoMaxPlusHead, "isomax": IsoMaxHead, "linear": nn.Linear}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machines are small and shared
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
