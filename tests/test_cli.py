@@ -132,3 +132,55 @@ def test_help_does_not_import_heavy_libraries():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
+
+
+def _write_image_folder(root):
+    """A tiny ImageFolder layout from the bundled digits: train/<class>, val/<class>, ood/<name>."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    counts = {}
+    for image, label in zip(digits.images, digits.target):
+        split = "ood/sevens" if label == 7 else ("train" if counts.get(label, 0) < 12 else "val")
+        if label > 2 and label != 7:
+            continue
+        counts[label] = counts.get(label, 0) + 1
+        if counts[label] > 16:
+            continue
+        folder = root / split / (str(label) if split != "ood/sevens" else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 255 / 16).astype(np.uint8)).save(folder / f"{label}_{counts[label]}.png")
+
+
+def test_train_on_an_image_folder(tmp_path, capsys):
+    _write_image_folder(tmp_path / "data")
+    code, stdout, err = _run(
+        ["train", *TINY, "--data", str(tmp_path / "data"), "--output", str(tmp_path / "run"), "--batch-size", "8"],
+        capsys,
+    )
+    assert code == 0, err
+    assert "sevens" in stdout and "MMLES" in stdout
+    from dismax_plugin.adapters import timm as dtimm
+
+    meta = dtimm.read_metadata(tmp_path / "run" / "model")
+    assert meta["num_classes"] == 3 and meta["metadata"]["class_names"] == ["0", "1", "2"]
+
+
+def test_mixup_with_an_isotropic_loss_and_its_clash_with_fpr(tmp_path, capsys):
+    argv = ["train", *TINY, "--mixup", "0.4", "--cutmix", "1.0", "--smoothing", "0.1"]
+    code, _, err = _run([*argv, "--head", "isomaxplus", "--output", str(tmp_path / "a")], capsys)
+    assert code == 0, err
+    code, _, err = _run([*argv, "--head", "dismax", "--output", str(tmp_path / "b")], capsys)
+    assert code == 2 and "--no-fpr" in err
+
+
+def test_compare_prints_every_native_score_and_detector(tmp_path, capsys):
+    code, stdout, err = _run(["compare", *TINY, "--output", str(tmp_path / "cmp")], capsys)
+    assert code == 0, err
+    table = stdout[stdout.index("Comparison on digits") :]
+    for method in ("MPS", "ES", "MDS", "MMLS", "MMLES", "MaxSoftmax", "EnergyBased", "MaxLogit", "Entropy",
+                   "ODIN", "Mahalanobis", "KNN", "ViM"):  # fmt: skip
+        assert f" {method} " in table, method
+    assert "FPR95-ID" in table and "images_per_s" in table
