@@ -38,11 +38,20 @@ class DataBundle:
 
 
 def preprocessing_config(model, image_size: int, channels: int) -> dict:
-    """The evaluation preprocessing of ``model`` at ``image_size``: input size, mean, std, interpolation."""
-    from timm.data import resolve_data_config
+    """The evaluation preprocessing at ``image_size``: input size, mean, std, interpolation.
 
-    cfg = resolve_data_config({}, model=model)
-    mean, std = list(cfg["mean"]), list(cfg["std"])
+    :param model: a timm model, or a timm architecture name (its pretrained config; no model is built).
+    """
+    import timm
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
+
+    if isinstance(model, str):
+        pretrained = timm.get_pretrained_cfg(model)
+        mean = list(getattr(pretrained, "mean", None) or IMAGENET_DEFAULT_MEAN)
+        std = list(getattr(pretrained, "std", None) or IMAGENET_DEFAULT_STD)
+    else:
+        cfg = resolve_data_config({}, model=model)
+        mean, std = list(cfg["mean"]), list(cfg["std"])
     if len(mean) != channels:
         mean, std = [sum(mean) / len(mean)] * channels, [sum(std) / len(std)] * channels
     return {

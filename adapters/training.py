@@ -16,7 +16,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 import dismax_plugin as dp
 
+from .progress import progress
 from .tracking import Tracker
 
 __all__ = [
@@ -348,7 +348,8 @@ def collect_logits(
     model.eval()
     logits, labels = [], []
     try:
-        for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers):
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+        for x, y in progress(loader, desc="evaluate"):
             logits.append(model(x.to(device)).float().cpu())
             labels.append(torch.as_tensor(y))
     finally:
@@ -420,12 +421,6 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _progress(iterable, **kwargs):
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, disable=not sys.stderr.isatty(), leave=False, dynamic_ncols=True, **kwargs)
-
-
 def train(cfg: TrainConfig, tracker: Tracker | None = None) -> TrainResult:
     """Train, calibrate, store thresholds and save the model; see the module docstring.
 
@@ -444,15 +439,9 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None) -> TrainResult:
     if ddp.enabled:
         dist.barrier()
 
-    _seed_everything(cfg.seed)
     from .data import build_data, preprocessing_config
 
-    try:
-        probe = _build_model(cfg, num_classes=2)
-    except (ValueError, RuntimeError, FileNotFoundError) as error:
-        raise ConfigError(f"--model '{cfg.model}': {error}") from error
-    preprocessing = preprocessing_config(probe, cfg.image_size, cfg.channels)
-    del probe
+    preprocessing = preprocessing_config(cfg.model, cfg.image_size, cfg.channels)
     try:
         data = build_data(
             cfg.data,
@@ -466,7 +455,10 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None) -> TrainResult:
         raise ConfigError(f"--data '{cfg.data}': {error}") from error
 
     _seed_everything(cfg.seed)
-    model = _build_model(cfg, data.num_classes).to(device)
+    try:
+        model = _build_model(cfg, data.num_classes).to(device)
+    except (ValueError, RuntimeError, FileNotFoundError) as error:
+        raise ConfigError(f"--model '{cfg.model}': {error}") from error
     loss_fn = _build_loss(cfg)
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
@@ -549,7 +541,7 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None) -> TrainResult:
             loader = DataLoader(data.train, batch_sampler=sampler, num_workers=cfg.workers)
             loss_sum = correct = seen = 0.0
             begin = time.perf_counter()
-            bar = _progress(loader, total=len(sampler), desc=f"epoch {epoch + 1}/{cfg.epochs}")
+            bar = progress(loader, total=len(sampler), desc=f"epoch {epoch + 1}/{cfg.epochs}")
             for step, (x, y) in enumerate(bar, start=start_step):
                 if stop.requested(ddp, device):
                     save_checkpoint(epoch, step)
