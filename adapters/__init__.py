@@ -1,6 +1,22 @@
-"""Ecosystem glue, shipped as ``dismax_plugin.adapters``: ``timm``, ``pytorch_ood``, ``mlflow``.
+"""Ecosystem glue, shipped as ``dismax_plugin.adapters``; importing this package imports none of them.
 
-Each submodule imports its ecosystem lazily; importing this package imports none of them.
+* ``timm``: isotropic heads on any timm model, registered model names, save/load.
+* ``pytorch_ood``, ``benchmarks``, ``compare``: the native score as a detector, losses with metadata,
+  the offline digits benchmark and the standard ones by name, the comparison with post-hoc detectors.
+* ``mlflow``, ``figures``, ``tracking``: run tracking, plots and the servable model.
+* ``data``, ``training``, ``commands``, ``progress``: the engine behind the ``dismax`` command.
 """
 
-__all__ = ["mlflow", "pytorch_ood", "timm"]
+__all__ = [
+    "benchmarks",
+    "commands",
+    "compare",
+    "data",
+    "figures",
+    "mlflow",
+    "progress",
+    "pytorch_ood",
+    "timm",
+    "tracking",
+    "training",
+]
