@@ -539,7 +539,7 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None) -> TrainResult:
                 len(data.train), cfg.batch_size, cfg.seed, epoch, ddp.rank, ddp.world, start_step
             )
             loader = DataLoader(data.train, batch_sampler=sampler, num_workers=cfg.workers)
-            loss_sum = correct = seen = 0.0
+            loss_sum = correct = seen = judged = 0.0
             begin = time.perf_counter()
             bar = progress(loader, total=len(sampler), desc=f"epoch {epoch + 1}/{cfg.epochs}")
             for step, (x, y) in enumerate(bar, start=start_step):
@@ -564,18 +564,21 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None) -> TrainResult:
                 if scheduler is not None:
                     scheduler.step_update(epoch * steps_per_epoch + step + 1)
                 hard = targets if targets.ndim == 1 else targets.argmax(dim=1)
+                # accuracy on the rows that have a class: FPR's stitched images have none
+                scored = targets.amax(dim=1) > 1 - 1e-6 if cfg.uses_fpr else torch.ones_like(hard, dtype=torch.bool)
                 loss_sum += loss.item() * x.shape[0]
-                correct += float((logits.argmax(dim=1) == hard).sum())
+                correct += float(((logits.argmax(dim=1) == hard) & scored).sum())
+                judged += float(scored.sum())
                 seen += x.shape[0]
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / max(judged, 1):.3f}")
             start_step = 0
             if scheduler is not None:
                 scheduler.step(epoch + 1)
             if ddp.enabled:
-                totals = torch.tensor([loss_sum, correct, seen], device=device, dtype=torch.float64)
+                totals = torch.tensor([loss_sum, correct, seen, judged], device=device, dtype=torch.float64)
                 dist.all_reduce(totals)
-                loss_sum, correct, seen = totals.tolist()
-            metrics = {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1)}
+                loss_sum, correct, seen, judged = totals.tolist()
+            metrics = {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(judged, 1)}
             if ddp.main:
                 val_logits, val_labels = collect_logits(model, data.val, cfg.eval_batch_size, device, cfg.workers)
                 metrics["val_acc"] = float((val_logits.argmax(1) == val_labels).double().mean())
