@@ -185,7 +185,6 @@ class TrainResult:
 class _Dist:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
 
     @property
     def enabled(self) -> bool:
@@ -202,7 +201,7 @@ def _init_distributed(device: torch.device) -> _Dist:
         return _Dist()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return _Dist(dist.get_rank(), dist.get_world_size())
 
 
 def _resolve_device(cfg: TrainConfig, local_rank: int) -> torch.device:
@@ -429,15 +428,11 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None) -> TrainResult:
     """
     cfg.validate()
     tracker = tracker or Tracker()
-    probe_device = _resolve_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
-    ddp = _init_distributed(probe_device)
-    device = _resolve_device(cfg, ddp.local_rank)
+    device = _resolve_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
+    ddp = _init_distributed(device)
     if not ddp.main:
         tracker = Tracker()
-    if ddp.main:
-        _check_output(cfg)
-    if ddp.enabled:
-        dist.barrier()
+    _check_output(cfg)  # on every rank, so that a bad --output stops them all
 
     from .data import build_data, preprocessing_config
 
