@@ -4,7 +4,7 @@
 * ``pytorch_ood``, ``benchmarks``, ``compare``: the native score as a detector, losses with metadata,
   the offline digits benchmark and the standard ones by name, the comparison with post-hoc detectors.
 * ``mlflow``, ``figures``, ``tracking``: run tracking, plots and the servable model.
-* ``data``, ``training``, ``commands``, ``progress``: the engine behind the ``dismax`` command.
+* ``data``, ``preprocessing``, ``training``, ``commands``, ``progress``: the engine behind ``dismax``.
 """
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "data",
     "figures",
     "mlflow",
+    "preprocessing",
     "progress",
     "pytorch_ood",
     "timm",

@@ -234,7 +234,7 @@ def _load_for_eval(args: argparse.Namespace):
     meta = getattr(model, "dismax_metadata", {}) or {}
     preprocessing = (meta.get("metadata") or meta).get("preprocessing")
     if preprocessing is None:
-        from .data import preprocessing_config
+        from .preprocessing import preprocessing_config
 
         preprocessing = preprocessing_config(model, args.image_size, args.channels)
     try:

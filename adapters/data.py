@@ -17,7 +17,9 @@ import torch
 from pytorch_ood.benchmark import Benchmark
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-__all__ = ["DataBundle", "FolderBenchmark", "build_data", "preprocessing_config"]
+from .preprocessing import eval_transform, train_transform
+
+__all__ = ["DataBundle", "FolderBenchmark", "build_data"]
 
 log = logging.getLogger(__name__)
 
@@ -35,65 +37,6 @@ class DataBundle:
     num_classes: int
     class_names: list[str]
     preprocessing: dict = field(default_factory=dict)
-
-
-def preprocessing_config(model, image_size: int, channels: int) -> dict:
-    """The evaluation preprocessing at ``image_size``: input size, mean, std, interpolation.
-
-    :param model: a timm model, or a timm architecture name (its pretrained config; no model is built).
-    """
-    import timm
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
-
-    if isinstance(model, str):
-        pretrained = timm.get_pretrained_cfg(model)
-        mean = list(getattr(pretrained, "mean", None) or IMAGENET_DEFAULT_MEAN)
-        std = list(getattr(pretrained, "std", None) or IMAGENET_DEFAULT_STD)
-    else:
-        cfg = resolve_data_config({}, model=model)
-        mean, std = list(cfg["mean"]), list(cfg["std"])
-    if len(mean) != channels:
-        mean, std = [sum(mean) / len(mean)] * channels, [sum(std) / len(std)] * channels
-    return {
-        "input_size": [channels, image_size, image_size],
-        "mean": mean,
-        "std": std,
-        "interpolation": "bilinear",
-        "crop_pct": 1.0,
-    }
-
-
-def _transforms(preprocessing: dict, augment: bool):
-    from timm.data import create_transform
-
-    common = dict(
-        input_size=tuple(preprocessing["input_size"]),
-        mean=tuple(preprocessing["mean"]),
-        std=tuple(preprocessing["std"]),
-        interpolation=preprocessing["interpolation"],
-    )
-    channels = preprocessing["input_size"][0]
-    eval_tf = _with_mode(create_transform(is_training=False, crop_pct=1.0, **common), channels)
-    if not augment:
-        return eval_tf, eval_tf
-    train_tf = create_transform(is_training=True, scale=(0.7, 1.0), hflip=0.0, color_jitter=0.0, **common)
-    return _with_mode(train_tf, channels), eval_tf
-
-
-class _ConvertMode:
-    """Convert PIL images to RGB/L before timm's transform (folders may hold palette or grey images)."""
-
-    def __init__(self, transform, mode: str):
-        self.transform, self.mode = transform, mode
-
-    def __call__(self, image):
-        if hasattr(image, "convert") and getattr(image, "mode", self.mode) != self.mode:
-            image = image.convert(self.mode)
-        return self.transform(image)
-
-
-def _with_mode(transform, channels: int):
-    return _ConvertMode(transform, "RGB" if channels == 3 else "L")
 
 
 class FolderBenchmark(Benchmark):
@@ -191,7 +134,8 @@ def build_data(
     :raises FileNotFoundError: when the data is absent; ValueError for an unknown name.
     """
     channels, image_size = preprocessing["input_size"][0], preprocessing["input_size"][1]
-    train_tf, eval_tf = _transforms(preprocessing, augment)
+    eval_tf = eval_transform(preprocessing)
+    train_tf = train_transform(preprocessing) if augment else eval_tf
     eval_bench = _make_benchmark(data, data_root, eval_tf, image_size, channels)
     train_bench = (
         eval_bench if train_tf is eval_tf else _make_benchmark(data, data_root, train_tf, image_size, channels)

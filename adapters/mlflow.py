@@ -64,6 +64,7 @@ from typing import Any
 
 import numpy as np
 
+from .preprocessing import eval_transform
 from .tracking import Tracker
 
 __all__ = [
@@ -416,19 +417,6 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def _eval_transform(preprocessing: Mapping[str, Any]):
-    from timm.data import create_transform
-
-    return create_transform(
-        input_size=tuple(preprocessing["input_size"]),
-        is_training=False,
-        interpolation=preprocessing.get("interpolation", "bilinear"),
-        mean=tuple(preprocessing["mean"]),
-        std=tuple(preprocessing["std"]),
-        crop_pct=preprocessing.get("crop_pct", 1.0),
-    )
-
-
 def _check_preprocessing(preprocessing: Any) -> dict:
     if not isinstance(preprocessing, Mapping):
         raise TypeError(
@@ -504,7 +492,7 @@ def _stack(images: list[np.ndarray], preprocessing: dict, transform):
     import torch
     from PIL import Image
 
-    transform = transform or _eval_transform(preprocessing)
+    transform = transform or eval_transform(preprocessing)
     mode = "RGB" if int(preprocessing["input_size"][0]) == 3 else "L"
     tensors = []
     for image in images:
@@ -537,7 +525,7 @@ class _PyfuncMethods:
         saved = getattr(self.model, "dismax_metadata", None) or read_metadata(model_dir)
         self.metadata = dict(saved.get("metadata") or {})
         self.preprocessing = _check_preprocessing(self.metadata.get("preprocessing"))
-        self.transform = _eval_transform(self.preprocessing)
+        self.transform = eval_transform(self.preprocessing)
         self.head = get_head(self.model)
         names = self.metadata.get("class_names")
         self.class_names = [str(n) for n in names] if names else None

@@ -434,7 +434,8 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None) -> TrainResult:
         tracker = Tracker()
     _check_output(cfg)  # on every rank, so that a bad --output stops them all
 
-    from .data import build_data, preprocessing_config
+    from .data import build_data
+    from .preprocessing import preprocessing_config
 
     preprocessing = preprocessing_config(cfg.model, cfg.image_size, cfg.channels)
     try:
