@@ -369,15 +369,15 @@ def _build_openood(name: str, root: str, transform, **kwargs) -> Benchmark:
 
 
 _STANDARD = {
-    "cifar10_odin": ("CIFAR10_ODIN", _build_odin),
-    "cifar10_openood": ("CIFAR10_OpenOOD", _build_openood),
-    "cifar100_odin": ("CIFAR100_ODIN", _build_odin),
-    "cifar100_openood": ("CIFAR100_OpenOOD", _build_openood),
-    "imagenet_openood": ("ImageNet_OpenOOD", _build_openood),
+    "cifar10_odin": ("CIFAR10_ODIN", _build_odin, 10),
+    "cifar10_openood": ("CIFAR10_OpenOOD", _build_openood, 10),
+    "cifar100_odin": ("CIFAR100_ODIN", _build_odin, 100),
+    "cifar100_openood": ("CIFAR100_OpenOOD", _build_openood, 100),
+    "imagenet_openood": ("ImageNet_OpenOOD", _build_openood, 1000),
 }
 
 #: names accepted by :func:`create_benchmark` (case-insensitive)
-BENCHMARK_NAMES: tuple[str, ...] = ("digits", *(display for display, _ in _STANDARD.values()))
+BENCHMARK_NAMES: tuple[str, ...] = ("digits", *(display for display, _, _ in _STANDARD.values()))
 
 
 def create_benchmark(
@@ -411,7 +411,7 @@ def create_benchmark(
         return DigitsBenchmark(root, transform, image_size, channels, **options)
     if key not in _STANDARD:
         raise ValueError(f"Unknown benchmark '{name}', expected one of {list(BENCHMARK_NAMES)}.")
-    display, build = _STANDARD[key]
+    display, build, num_classes = _STANDARD[key]
     if root is None:
         raise ValueError(f"root is required for benchmark '{display}': the directory that holds its data.")
     _check_transform(transform)
@@ -422,4 +422,6 @@ def create_benchmark(
     if transform is None:
         transform = _default_transform(image_size, channels)
     log.info("Building benchmark %s from %s", display, root)
-    return build(key, root, transform, **options)
+    benchmark = build(key, root, transform, **options)
+    benchmark.num_classes = num_classes  # pytorch-ood's benchmarks do not say; the engine needs it
+    return benchmark

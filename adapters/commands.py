@@ -12,7 +12,7 @@ from typing import Any
 import dismax_plugin as dp
 
 from .tracking import Tracker
-from .training import ConfigError, Interrupted, TrainConfig, calibrate_model, collect_logits, train
+from .training import ConfigError, Interrupted, TrainConfig, calibrate_model, train
 
 __all__ = ["COMMANDS", "evaluate_model", "run_command"]
 
@@ -231,8 +231,7 @@ def _load_for_eval(args: argparse.Namespace):
         model = dtimm.load_model(path, device=args.device or "cpu")
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(f"--checkpoint: {error}") from error
-    meta = getattr(model, "dismax_metadata", {}) or {}
-    preprocessing = (meta.get("metadata") or meta).get("preprocessing")
+    preprocessing = model.dismax_metadata["metadata"].get("preprocessing")
     if preprocessing is None:
         from .preprocessing import preprocessing_config
 
@@ -270,11 +269,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     model, data, path = _load_for_eval(args)
     device = next(model.parameters()).device
-    for _, head in dp.heads_of(model):
-        head.set_temperature(1.0)
-    logits, labels = collect_logits(model, data.val, args.eval_batch_size, device, args.workers)
-    report = calibrate_model(model, logits, labels, args.calibration)
-    meta = dict(dtimm.read_metadata(path).get("metadata") or {})
+    report = calibrate_model(
+        model, data.val, args.calibration, batch_size=args.eval_batch_size, device=device, workers=args.workers
+    )
+    meta = dict(model.dismax_metadata["metadata"])
     meta.update(temperature=report["temperature"], thresholds=report["thresholds"], score=report["score"])
     dtimm.save_model(model.cpu(), path, metadata=meta)
     log.info(

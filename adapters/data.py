@@ -148,23 +148,7 @@ def build_data(
     if max_train_samples:
         keep = list(range(min(max_train_samples, len(train))))
         train, fit = Subset(train, keep), Subset(fit, keep)
-    num_classes = int(getattr(eval_bench, "num_classes", 0)) or _count_classes(eval_bench)
+    num_classes = int(eval_bench.num_classes)
     class_names = list(getattr(eval_bench, "class_names", [str(i) for i in range(num_classes)]))
     log.info("data %s: %d train, %d val, OOD sets %s", data, len(train), len(val), list(eval_bench.ood_names))
     return DataBundle(train, val, eval_bench, fit, num_classes, class_names, dict(preprocessing))
-
-
-def _count_classes(benchmark) -> int:
-    for attr in ("num_classes", "n_classes"):
-        if hasattr(benchmark, attr):
-            return int(getattr(benchmark, attr))
-    name = type(benchmark).__name__.lower()
-    if "cifar100" in name:
-        return 100
-    if "cifar10" in name:
-        return 10
-    if "imagenet200" in name:
-        return 200
-    if "imagenet" in name:
-        return 1000
-    raise ValueError(f"cannot tell the number of classes of benchmark {type(benchmark).__name__}.")

@@ -326,13 +326,6 @@ class _CrossEntropy(nn.Module):
         return F.cross_entropy(logits.float(), targets, label_smoothing=self.smoothing)
 
 
-def _smooth(targets: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
-    off = smoothing / num_classes
-    return torch.full((targets.shape[0], num_classes), off, device=targets.device).scatter_(
-        1, targets.unsqueeze(1), 1.0 - smoothing + off
-    )
-
-
 def _autocast(device: torch.device, enabled: bool):
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
@@ -356,11 +349,23 @@ def collect_logits(
     return torch.cat(logits), torch.cat(labels).long()
 
 
-def calibrate_model(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor, objective: str = "ece") -> dict:
-    """Temperature + thresholds for ``model``'s isotropic head from held-out logits (temperature 1).
+def calibrate_model(
+    model: nn.Module,
+    dataset: Dataset,
+    objective: str = "ece",
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    workers: int = 0,
+) -> dict:
+    """Temperature + thresholds for ``model``'s isotropic heads from held-out ``dataset``, set in place.
 
-    Returns the calibration report: temperature, ECE/NLL before and after, thresholds, score.
+    The heads are reset to temperature 1 first, so calibrating again does not compound. Returns the
+    report: temperature, ECE/NLL before and after, thresholds, score, and the validation logits/labels.
     """
+    for _, head in dp.heads_of(model):
+        head.set_temperature(1.0)
+    logits, labels = collect_logits(model, dataset, batch_size, device, workers)
     temperature = dp.calibrate_temperature(logits, labels, objective=objective)
     scaled = logits / temperature
     report = {
@@ -376,7 +381,9 @@ def calibrate_model(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor
     for _, head in heads:
         head.set_temperature(float(head.temperature) * temperature)
         head.set_thresholds(thresholds, score_name)
-    report.update(score=score_name, thresholds={str(k): v for k, v in thresholds.items()})
+    report.update(
+        score=score_name, thresholds={str(k): v for k, v in thresholds.items()}, val_logits=logits, val_labels=labels
+    )
     return report
 
 
@@ -472,6 +479,8 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None) -> TrainResult:
             warmup_epochs=cfg.warmup_epochs,
             updates_per_epoch=steps_per_epoch,
         )
+    from timm.data.mixup import one_hot as mixup_one_hot
+
     mixup = None
     if cfg.mixup or cfg.cutmix:
         from timm.data import Mixup
@@ -549,7 +558,8 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None) -> TrainResult:
                 elif mixup is not None and x.shape[0] % 2 == 0:
                     inputs, targets = mixup(x, y)
                 elif cfg.smoothing and cfg.head != "linear":
-                    targets = _smooth(y, data.num_classes, cfg.smoothing)
+                    off = cfg.smoothing / data.num_classes
+                    targets = mixup_one_hot(y, data.num_classes, on_value=1.0 - cfg.smoothing + off, off_value=off)
                 with _autocast(device, cfg.amp):
                     logits = train_model(inputs)
                     loss = loss_fn(logits, targets)
@@ -612,10 +622,9 @@ def _finish(cfg: TrainConfig, model: nn.Module, data, device, tracker: Tracker) 
     """Calibrate on the validation split, store thresholds, save the model (timm adapter format)."""
     from . import timm as dtimm
 
-    for _, head in dp.heads_of(model):  # calibrate from temperature 1 (a rerun must not compound)
-        head.set_temperature(1.0)
-    logits, labels = collect_logits(model, data.val, cfg.eval_batch_size, device, cfg.workers)
-    report = calibrate_model(model, logits, labels, cfg.calibration)
+    report = calibrate_model(
+        model, data.val, cfg.calibration, batch_size=cfg.eval_batch_size, device=device, workers=cfg.workers
+    )
     log.info(
         "calibration: temperature %.4g, ECE %.4f -> %.4f, thresholds (%s) %s",
         report["temperature"],
@@ -631,7 +640,6 @@ def _finish(cfg: TrainConfig, model: nn.Module, data, device, tracker: Tracker) 
             "ece_after_calibration": report["ece_after"],
         }
     )
-    report["val_logits"], report["val_labels"] = logits, labels
     model_dir = os.path.join(cfg.output, MODEL_DIR)
     metadata = {
         "preprocessing": data.preprocessing,

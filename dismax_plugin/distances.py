@@ -19,8 +19,6 @@ differentiable operations (the matrix product in the autocast dtype, the rest in
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 __all__ = ["euclidean_distances", "normalized_distances", "safe_sqrt"]
@@ -181,8 +179,12 @@ def _needs_grad(x: torch.Tensor, prototypes: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or prototypes.requires_grad)
 
 
-def _out_dtype(x: torch.Tensor, prototypes: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, prototypes.dtype)
+def _plain(reference, x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """The differentiable expression; outside autocast, in the inputs' promoted dtype."""
+    distances = reference(x, prototypes)
+    if torch.is_autocast_enabled(x.device.type):
+        return distances
+    return distances.to(torch.promote_types(x.dtype, prototypes.dtype))
 
 
 def euclidean_distances(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -196,10 +198,7 @@ def euclidean_distances(features: torch.Tensor, prototypes: torch.Tensor) -> tor
         if _needs_grad(features, prototypes):
             return _EuclideanDistances.apply(features, prototypes)
         return _euclidean_kernel(features, prototypes)
-    distances = _euclidean_reference(features, prototypes)
-    return distances if torch.is_autocast_enabled(features.device.type) else distances.to(
-        _out_dtype(features, prototypes)
-    )
+    return _plain(_euclidean_reference, features, prototypes)
 
 
 def normalized_distances(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -217,10 +216,5 @@ def normalized_distances(features: torch.Tensor, prototypes: torch.Tensor) -> to
         if _needs_grad(features, prototypes):
             return _NormalizedDistances.apply(features, prototypes)
         return _normalized_kernel(features, prototypes)[0]
-    distances = _normalized_reference(features, prototypes)
-    return distances if torch.is_autocast_enabled(features.device.type) else distances.to(
-        _out_dtype(features, prototypes)
-    )
+    return _plain(_normalized_reference, features, prototypes)
 
-
-SQRT2 = math.sqrt(2.0)
