@@ -36,8 +36,8 @@ def _rows(out: Path) -> list[dict]:
     from torch.utils.data import DataLoader
 
     from dismax_plugin.adapters import timm as dtimm
-    from dismax_plugin.adapters.compare import compare
-    from dismax_plugin.adapters.data import build_data
+    from dismax_plugin.adapters.engine.data import build_data
+    from dismax_plugin.adapters.pytorch_ood.compare import compare
 
     iso = dtimm.load_model(out / "isotropic" / "model")
     base = dtimm.load_model(out / "baseline" / "model")

@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from dismax_plugin.adapters.engine.cli import main
 
 sys.exit(main())

@@ -14,9 +14,9 @@ import tempfile
 import numpy as np
 from sklearn.datasets import load_digits
 
-from dismax_plugin.adapters.commands import evaluate_model
+from dismax_plugin.adapters.engine.commands import evaluate_model
+from dismax_plugin.adapters.engine.training import TrainConfig, train
 from dismax_plugin.adapters.mlflow import MlflowTracker
-from dismax_plugin.adapters.training import TrainConfig, train
 
 
 def main(argv=None) -> dict:

@@ -13,9 +13,9 @@ import tempfile
 
 from torch.utils.data import DataLoader
 
-from dismax_plugin.adapters.compare import compare, format_table
+from dismax_plugin.adapters.engine.training import TrainConfig, train
 from dismax_plugin.adapters.pytorch_ood import DisMaxDetector
-from dismax_plugin.adapters.training import TrainConfig, train
+from dismax_plugin.adapters.pytorch_ood.compare import compare, format_table
 
 
 def main(argv=None) -> list[dict]:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 import dismax_plugin as dp
 from dismax_plugin.adapters import timm as dtimm
-from dismax_plugin.adapters.benchmarks import DigitsBenchmark
+from dismax_plugin.adapters.pytorch_ood.benchmarks import DigitsBenchmark
 
 
 def main(argv=None) -> dict:

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from dismax_plugin.cli import main
+from dismax_plugin.adapters.engine.cli import main
 
 TINY = ["--model", "test_resnet", "--epochs", "1", "--batch-size", "32", "--max-train-samples", "64", "--no-track"]
 

@@ -14,7 +14,7 @@ from pytorch_ood.benchmark import Benchmark
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 
-from dismax_plugin.adapters.benchmarks import BENCHMARK_NAMES, DigitsBenchmark, create_benchmark
+from dismax_plugin.adapters.pytorch_ood.benchmarks import BENCHMARK_NAMES, DigitsBenchmark, create_benchmark
 
 STANDARD = ("CIFAR10_ODIN", "CIFAR10_OpenOOD", "CIFAR100_ODIN", "CIFAR100_OpenOOD", "ImageNet_OpenOOD")
 

@@ -25,9 +25,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Subset
 import dismax_plugin as dp
 from dismax_plugin import losses as core_losses
 from dismax_plugin import scores as core_scores
-from dismax_plugin.adapters import benchmarks as adapter_benchmarks
 from dismax_plugin.adapters import pytorch_ood as adapter
-from dismax_plugin.adapters.benchmarks import DigitsBenchmark
 from dismax_plugin.adapters.pytorch_ood import (
     DISMAX_PAPER,
     ISOMAX_PAPER,
@@ -38,6 +36,8 @@ from dismax_plugin.adapters.pytorch_ood import (
     IsoMaxLoss,
     IsoMaxPlusLoss,
 )
+from dismax_plugin.adapters.pytorch_ood import benchmarks as adapter_benchmarks
+from dismax_plugin.adapters.pytorch_ood.benchmarks import DigitsBenchmark
 
 LOSSES = (IsoMaxLoss, IsoMaxPlusLoss, DisMaxLoss)
 

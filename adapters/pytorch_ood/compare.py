@@ -61,8 +61,7 @@ from dismax_plugin.calibration import expected_calibration_error
 from dismax_plugin.convert import find_classifier, heads_of
 from dismax_plugin.scores import SCORE_NAMES
 
-from .progress import progress
-from .pytorch_ood import DisMaxDetector
+from . import DisMaxDetector
 
 __all__ = ["DETECTOR_NAMES", "METRIC_KEYS", "compare", "format_table"]
 
@@ -151,7 +150,7 @@ class _Runner:
         logits, features, labels = [], [], []
         seconds = 0.0
         with self._capturing():
-            for x, y in progress(loader, desc="score"):
+            for x, y in loader:
                 x = x.to(self.device)
                 _sync(self.device)
                 start = time.perf_counter()

@@ -17,7 +17,7 @@ import torch
 from pytorch_ood.benchmark import Benchmark
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from .preprocessing import eval_transform, train_transform
+from ..timm.preprocessing import eval_transform, train_transform
 
 __all__ = ["DataBundle", "FolderBenchmark", "build_data"]
 
@@ -114,7 +114,7 @@ def _split(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Datas
 def _make_benchmark(name: str, root: str | None, transform, image_size: int, channels: int):
     if os.path.isdir(name):
         return FolderBenchmark(name, transform=transform)
-    from .benchmarks import create_benchmark
+    from ..pytorch_ood.benchmarks import create_benchmark
 
     return create_benchmark(name, root=root, transform=transform, image_size=image_size, channels=channels)
 

@@ -119,8 +119,8 @@ def _configure_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging()
-    from .adapters.commands import run_command
-    from .adapters.training import ConfigError, Interrupted
+    from .commands import run_command
+    from .training import ConfigError, Interrupted
 
     try:
         return run_command(args)

@@ -3,7 +3,7 @@
 ``mlflow`` is imported when a tracker starts or a model is logged or loaded, never when this module (or
 :mod:`dismax_plugin.adapters`) is imported, so :func:`preprocess_images` can be used without MLflow.
 
-**Tracker.** :class:`MlflowTracker` implements :class:`dismax_plugin.adapters.tracking.Tracker` with an
+**Tracker.** :class:`MlflowTracker` implements :class:`dismax_plugin.adapters.engine.tracking.Tracker` with an
 :class:`mlflow.MlflowClient` and explicit run ids (no fluent active-run state): parameters, metrics with
 steps, tables, figures, artifacts, nested child runs (``with tracker.child("ce") as sub: ...``) and the
 model, logged both as a ``pytorch`` flavour (pickled, with this package in ``code_paths``) and as a
@@ -55,6 +55,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -64,8 +65,7 @@ from typing import Any
 
 import numpy as np
 
-from .preprocessing import eval_transform
-from .tracking import Tracker
+from ..timm.preprocessing import eval_transform
 
 __all__ = [
     "HTTP_ENV_DEFAULTS",
@@ -440,7 +440,7 @@ def preprocess_images(images: Any, preprocessing: Mapping[str, Any], transform=N
     input_size, interpolation, mean, std, crop_pct)``: resize of the shorter edge, centre crop, scaling to
     [0, 1], normalisation), after conversion to ``RGB`` or ``L`` to match ``input_size[0]`` (grey
     images are replicated to three channels, colour images reduced to luminance, alpha is dropped) —
-    the transform ``dismax_plugin.adapters.data`` applies to image files.
+    the transform ``dismax_plugin.adapters.engine.data`` applies to image files.
 
     :param images: a batch as a numpy array (or anything ``np.asarray`` accepts): ``[N, H, W]`` (grey),
         ``[N, H, W, C]`` or ``[N, C, H, W]`` with ``C`` in 1, 3, 4 (channels-last wins when both fit), or a
@@ -991,8 +991,8 @@ def _log_model(target: _Target, run_id: str, payload: dict, conn: _Connection) -
 
 
 # ============================================================================ the tracker
-class MlflowTracker(Tracker):
-    """:class:`~dismax_plugin.adapters.tracking.Tracker` that logs to MLflow (see the module docstring).
+class MlflowTracker:
+    """:class:`~dismax_plugin.adapters.engine.tracking.Tracker` that logs to MLflow (see the module docstring).
 
     :param tracking_uri: MLflow tracking URI; ``None`` uses ``MLFLOW_TRACKING_URI`` or MLflow's default
         store (``sqlite:///<cwd>/mlflow.db`` in MLflow 3).
@@ -1229,9 +1229,9 @@ class MlflowTracker(Tracker):
         try:
             conn.submit("figure", self._ref, {"figure": figure, "artifact_file": artifact_file}, on_offline=to_file)
         finally:
-            from .figures import close
-
-            close(figure)
+            pyplot = sys.modules.get("matplotlib.pyplot")  # figures made without pyplot need no closing
+            if pyplot is not None:
+                pyplot.close(figure)
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         """Log a local file or folder (under ``artifact_path``); queued by path while offline."""

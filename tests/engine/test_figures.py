@@ -1,4 +1,4 @@
-"""adapters.figures: what the figures show (ROC AUROC/FPR95, reliability ECE) and argument checks."""
+"""adapters.engine.figures: what the figures show (ROC AUROC/FPR95, reliability ECE) and argument checks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 import dismax_plugin as dp
-from dismax_plugin.adapters import figures
+from dismax_plugin.adapters.engine import figures
 
 
 def _png(fig) -> bytes:

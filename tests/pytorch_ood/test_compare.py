@@ -14,9 +14,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 import dismax_plugin as dp
-from dismax_plugin.adapters.benchmarks import DigitsBenchmark
-from dismax_plugin.adapters.compare import DETECTOR_NAMES, METRIC_KEYS, compare, format_table
 from dismax_plugin.adapters.pytorch_ood import DisMaxLoss
+from dismax_plugin.adapters.pytorch_ood.benchmarks import DigitsBenchmark
+from dismax_plugin.adapters.pytorch_ood.compare import DETECTOR_NAMES, METRIC_KEYS, compare, format_table
 
 REQUIRED = {"Model", "Method", "Dataset", *METRIC_KEYS, "ACC", "ECE", "fit_s", "images_per_s"}
 BATCH = 256

@@ -16,7 +16,7 @@ from .training import ConfigError, Interrupted, TrainConfig, calibrate_model, tr
 
 __all__ = ["COMMANDS", "evaluate_model", "run_command"]
 
-log = logging.getLogger("dismax_plugin.cli")
+log = logging.getLogger("dismax_plugin.adapters.engine.cli")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -36,7 +36,7 @@ def _is_main_process() -> bool:
 def _make_tracker(args: argparse.Namespace, fallback_dir: str) -> Tracker:
     if not getattr(args, "track", False) or not _is_main_process():
         return Tracker()
-    from .mlflow import MlflowTracker
+    from ..mlflow import MlflowTracker
 
     return MlflowTracker(
         tracking_uri=args.tracking_uri,
@@ -81,7 +81,7 @@ def _slug(text: str) -> str:
 
 
 def _detector_names(args: argparse.Namespace) -> list[str]:
-    from .compare import DETECTOR_NAMES
+    from ..pytorch_ood.compare import DETECTOR_NAMES
 
     names = [d.strip() for d in (getattr(args, "detectors", "") or "").split(",") if d.strip()]
     known = {n.lower(): n for n in DETECTOR_NAMES}
@@ -101,9 +101,9 @@ def evaluate_model(
     the pytorch-ood ``detectors`` named (fitted on ``fit_loader`` where needed).
 
     :return: ``{"rows": [...], "scores": {(model, method): {"ID": tensor, <set>: tensor}}}``; row metrics are
-        fractions (see :mod:`dismax_plugin.adapters.compare`).
+        fractions (see :mod:`dismax_plugin.adapters.pytorch_ood.compare`).
     """
-    from .compare import compare
+    from ..pytorch_ood.compare import compare
 
     scores: dict = {}
     isotropic = bool(dp.heads_of(model))
@@ -124,7 +124,7 @@ def evaluate_model(
 
 
 def _log_evaluation(tracker: Tracker, evaluation: dict, calibration: dict | None) -> None:
-    from .compare import METRIC_KEYS
+    from ..pytorch_ood.compare import METRIC_KEYS
     from .figures import reliability_diagram, roc_curves, score_histogram
 
     rows = evaluation["rows"]
@@ -173,7 +173,7 @@ def _train_and_report(cfg: TrainConfig, tracker: Tracker, detectors: list[str], 
     """Train, evaluate (native scores, or ``detectors`` for a linear head) and log; returns (result, rows)."""
     from torch.utils.data import DataLoader
 
-    from .compare import format_table
+    from ..pytorch_ood.compare import format_table
 
     result = train(cfg, tracker)
     if not _is_main_process():
@@ -199,7 +199,7 @@ def _train_and_report(cfg: TrainConfig, tracker: Tracker, detectors: list[str], 
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import DETECTOR_NAMES, format_table
+    from ..pytorch_ood.compare import DETECTOR_NAMES, format_table
 
     _check_model_name(args.model)
     detectors = _detector_names(args) or list(DETECTOR_NAMES)
@@ -221,7 +221,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _load_for_eval(args: argparse.Namespace):
-    from . import timm as dtimm
+    from .. import timm as dtimm
     from .data import build_data
 
     path = args.checkpoint
@@ -233,7 +233,7 @@ def _load_for_eval(args: argparse.Namespace):
         raise ConfigError(f"--checkpoint: {error}") from error
     preprocessing = model.dismax_metadata["metadata"].get("preprocessing")
     if preprocessing is None:
-        from .preprocessing import preprocessing_config
+        from ..timm.preprocessing import preprocessing_config
 
         preprocessing = preprocessing_config(model, args.image_size, args.channels)
     try:
@@ -246,7 +246,7 @@ def _load_for_eval(args: argparse.Namespace):
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
-    from .compare import format_table
+    from ..pytorch_ood.compare import format_table
 
     detectors = _detector_names(args)
     model, data, path = _load_for_eval(args)
@@ -265,7 +265,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from . import timm as dtimm
+    from .. import timm as dtimm
 
     model, data, path = _load_for_eval(args)
     device = next(model.parameters()).device

@@ -96,7 +96,7 @@ def test_logged_model_serves_raw_digits_in_a_fresh_process(mlflow_server, tracke
         print(json.dumps({"columns": list(frame.columns), "rows": len(frame),
                           "same": bool((frame["class"].values == floats["class"].values).all()),
                           "p": frame["probability"].tolist(), "flags": [bool(v) for v in frame["is_ood"]],
-                          "dismax_loaded_before": "dismax_plugin.adapters.training" in sys.modules}))
+                          "dismax_loaded_before": "dismax_plugin.adapters.engine.training" in sys.modules}))
         """
     )
     proc = subprocess.run(

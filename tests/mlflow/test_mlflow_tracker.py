@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 import dismax_plugin as dp
-from dismax_plugin.adapters import figures
 from dismax_plugin.adapters import timm as dtimm
+from dismax_plugin.adapters.engine import figures
 from dismax_plugin.adapters.mlflow import (
     MlflowTracker,
     TrackingUnavailableWarning,
@@ -105,7 +105,7 @@ _LOADER = textwrap.dedent(
 
 
 def _expected(model, images, gray=False):
-    """The model's own predictions with the evaluation transform of adapters.data (timm + PIL)."""
+    """The model's own predictions with the evaluation transform of adapters.engine.data (timm + PIL)."""
     from timm.data import create_transform
 
     transform = create_transform(
@@ -439,7 +439,7 @@ def test_pyfunc_model_of_a_linear_head_uses_the_saved_calibration(tmp_path):
 def test_imports_stay_lazy():
     code = (
         "import sys, dismax_plugin, dismax_plugin.adapters, dismax_plugin.adapters.mlflow, "
-        "dismax_plugin.adapters.figures; print(sorted(m for m in ('mlflow', 'matplotlib') if m in sys.modules))"
+        "dismax_plugin.adapters.engine.figures; print(sorted(m for m in ('mlflow', 'matplotlib') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -292,7 +292,7 @@ def _check_output(cfg: TrainConfig) -> None:
 
 
 def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    from . import timm as dtimm
+    from .. import timm as dtimm
 
     kwargs: dict[str, Any] = {"in_chans": cfg.channels}
     if cfg.pretrained_file:
@@ -441,8 +441,8 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None) -> TrainResult:
         tracker = Tracker()
     _check_output(cfg)  # on every rank, so that a bad --output stops them all
 
+    from ..timm.preprocessing import preprocessing_config
     from .data import build_data
-    from .preprocessing import preprocessing_config
 
     preprocessing = preprocessing_config(cfg.model, cfg.image_size, cfg.channels)
     try:
@@ -620,7 +620,7 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None) -> TrainResult:
 
 def _finish(cfg: TrainConfig, model: nn.Module, data, device, tracker: Tracker) -> tuple[dict, str]:
     """Calibrate on the validation split, store thresholds, save the model (timm adapter format)."""
-    from . import timm as dtimm
+    from .. import timm as dtimm
 
     report = calibrate_model(
         model, data.val, cfg.calibration, batch_size=cfg.eval_batch_size, device=device, workers=cfg.workers
