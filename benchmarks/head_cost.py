@@ -81,12 +81,12 @@ def make_step(variant: str, batch: int, dim: int, classes: int, seed: int = 0):
         return step
     logits = (-torch.rand(batch, classes, generator=generator) * 2).requires_grad_(True)
     labels = torch.randint(0, classes, (batch,), generator=generator)
-    _, soft = fpr_mix(torch.zeros(batch, 1, 2, 2), labels, classes, generator=generator)
+    _, soft, stitched = fpr_mix(torch.zeros(batch, 1, 2, 2), labels, classes, generator=generator)
     loss = {
         "F.cross_entropy": lambda: F.cross_entropy(10.0 * logits, labels),
         "isomax_loss": lambda: isomax_loss(logits, labels),
         "dismax_loss": lambda: dismax_loss(logits, labels),
-        "dismax_loss fpr": lambda: dismax_loss(logits, soft),
+        "dismax_loss fpr": lambda: dismax_loss(logits, soft, stitched=stitched),
     }[variant]
 
     def step():

@@ -5,17 +5,19 @@ The core depends on torch only; the timm, pytorch-ood and MLflow glue lives in
 """
 
 from . import scores
-from .calibration import calibrate_temperature, expected_calibration_error
+from ._modes import eval_mode
+from .calibration import CalibrationBins, calibrate_temperature, calibration_bins, expected_calibration_error
 from .convert import convert, find_classifier, heads_of
 from .fpr import fpr_mix
 from .heads import HEADS, DisMaxHead, IsoMaxHead, IsoMaxPlusHead, PrototypeHead, create_head
 from .losses import DisMaxLoss, IsoMaxLoss, dismax_loss, isomax_loss
-from .scores import SCORE_NAMES, score
+from .scores import SCORE_NAMES, ood_score, score
 from .thresholds import DEFAULT_TPRS, compute_thresholds
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationBins",
     "DEFAULT_TPRS",
     "HEADS",
     "SCORE_NAMES",
@@ -26,15 +28,18 @@ __all__ = [
     "IsoMaxPlusHead",
     "PrototypeHead",
     "calibrate_temperature",
+    "calibration_bins",
     "compute_thresholds",
     "convert",
     "create_head",
     "dismax_loss",
+    "eval_mode",
     "expected_calibration_error",
     "find_classifier",
     "fpr_mix",
     "heads_of",
     "isomax_loss",
+    "ood_score",
     "score",
     "scores",
 ]

@@ -1,10 +1,26 @@
-"""Argument checks shared by the core: each raises a ValueError/TypeError that names the argument."""
+"""Argument checks shared by the core (and reused by the adapters): each raises a ValueError/TypeError that
+names the argument and the expected form. :func:`check_int` is the one definition of an integer check."""
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
-__all__ = ["check_choice", "check_class_targets", "check_logits", "check_positive", "check_targets"]
+__all__ = ["check_choice", "check_class_targets", "check_int", "check_logits", "check_positive", "check_targets"]
+
+
+def check_int(name: str, value, minimum: int | None = None) -> int:
+    """Return ``value`` as an ``int`` if it is an integer (Python or numpy; not a bool) ``>= minimum``.
+
+    :raises TypeError: for anything that is not an integer (floats such as ``4.0`` included).
+    :raises ValueError: for an integer below ``minimum``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer; got {value!r}.")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum} (an integer); got {value!r}.")
+    return int(value)
 
 
 def check_choice(name: str, value: object, choices) -> str:
@@ -18,11 +34,12 @@ def check_choice(name: str, value: object, choices) -> str:
 
 
 def check_positive(name: str, value, *, integer: bool = False, minimum: float | None = None) -> None:
-    """Raise unless ``value`` is a finite number > 0 (or >= ``minimum``)."""
-    kind = "an integer" if integer else "a number"
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type:
-        raise TypeError(f"{name} must be {kind}; got {value!r}.")
+    """Raise unless ``value`` is a finite number > 0 (or >= ``minimum``); ``integer=True``: :func:`check_int`."""
+    if integer:
+        check_int(name, value, 1 if minimum is None else minimum)
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number; got {value!r}.")
     if minimum is not None:
         if not value >= minimum:
             raise ValueError(f"{name} must be >= {minimum}; got {value!r}.")

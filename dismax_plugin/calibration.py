@@ -8,36 +8,74 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from ._checks import check_choice, check_class_targets, check_logits, check_positive
 
-__all__ = ["calibrate_temperature", "expected_calibration_error"]
+__all__ = ["OBJECTIVES", "CalibrationBins", "calibrate_temperature", "calibration_bins", "expected_calibration_error"]
 
-_OBJECTIVES = ("ece", "nll")
+OBJECTIVES = ("ece", "nll")
 
 log = logging.getLogger(__name__)
 
 
-def _prepare(logits, labels) -> tuple[torch.Tensor, torch.Tensor]:
-    check_logits(logits)
+def _prepare(logits, labels, name: str = "logits") -> tuple[torch.Tensor, torch.Tensor]:
+    check_logits(logits, name)
     check_class_targets(labels, logits.shape[0], logits.shape[1], name="labels")
     if logits.shape[0] == 0:
-        raise ValueError("logits must hold at least one sample; got an empty batch.")
+        raise ValueError(f"{name} must hold at least one sample; got an empty batch.")
     return logits.detach().double().cpu(), labels.detach().cpu()
 
 
-def _ece(z: torch.Tensor, labels: torch.Tensor, n_bins: int) -> float:
-    probabilities = F.softmax(z, dim=1)
+class CalibrationBins(NamedTuple):
+    """Per-bin statistics of :func:`calibration_bins`, each float64 :math:`M`; empty bins hold 0."""
+
+    confidence: torch.Tensor  #: mean confidence (max probability) of the bin
+    accuracy: torch.Tensor  #: fraction of the bin's samples whose most probable class is the label
+    count: torch.Tensor  #: number of samples in the bin
+
+
+def _bins(probabilities: torch.Tensor, labels: torch.Tensor, n_bins: int) -> CalibrationBins:
     confidence, predicted = probabilities.max(dim=1)
     correct = (predicted == labels).double()
     # Bin m holds confidences in ((m-1)/M, m/M]; confidence is always > 0 for a softmax.
-    bins = (torch.ceil(confidence * n_bins).long() - 1).clamp_(0, n_bins - 1)
-    conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, confidence)
-    acc_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct)
-    return float((conf_sum - acc_sum).abs().sum() / confidence.numel())
+    index = (torch.ceil(confidence * n_bins).long() - 1).clamp_(0, n_bins - 1)
+    zeros = torch.zeros(n_bins, dtype=torch.float64)
+    count = zeros.index_add(0, index, torch.ones_like(confidence))
+    filled = count.clamp_min(1)
+    return CalibrationBins(
+        zeros.index_add(0, index, confidence) / filled, zeros.index_add(0, index, correct) / filled, count
+    )
+
+
+def calibration_bins(probabilities: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> CalibrationBins:
+    r"""Equal-width confidence bins, the one binning behind :func:`expected_calibration_error` (and the
+    reliability diagrams): bin :math:`m` holds the samples whose confidence :math:`\max_j p_j` lies in
+    :math:`((m-1)/M, m/M]`.
+
+    .. math:: \mathrm{ECE} = \sum_m \frac{\mathrm{count}_m}{N}\,|\mathrm{accuracy}_m - \mathrm{confidence}_m|
+
+    :param probabilities: :math:`N \times C`, rows are probability distributions (e.g. ``softmax(logits)``).
+    :param labels: class indices :math:`N`.
+    :param n_bins: :math:`M \ge 1`.
+    :return: :class:`CalibrationBins` ``(confidence, accuracy, count)``, float64 :math:`M` each.
+    :raises ValueError/TypeError: for bad shapes, labels or ``n_bins``, or rows that are not distributions.
+    """
+    check_positive("n_bins", n_bins, integer=True, minimum=1)
+    probabilities, labels = _prepare(probabilities, labels, name="probabilities")
+    if bool((probabilities < 0).any()) or not torch.allclose(
+        probabilities.sum(dim=1), torch.ones(probabilities.shape[0], dtype=torch.float64), atol=1e-4
+    ):
+        raise ValueError("probabilities must have rows that are probability distributions (>= 0, summing to 1).")
+    return _bins(probabilities, labels, n_bins)
+
+
+def _ece(z: torch.Tensor, labels: torch.Tensor, n_bins: int) -> float:
+    bins = _bins(F.softmax(z, dim=1), labels, n_bins)
+    return float((bins.confidence - bins.accuracy).abs().mul(bins.count).sum() / labels.numel())
 
 
 def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
@@ -86,7 +124,7 @@ def calibrate_temperature(
     :param tolerance: objective slack (default: 1e-3 for ECE, i.e. 0.1 percentage point; 1e-4 nats for NLL).
     :return: the temperature, a positive float.
     """
-    objective = check_choice("objective", objective, _OBJECTIVES)
+    objective = check_choice("objective", objective, OBJECTIVES)
     check_positive("n_bins", n_bins, integer=True, minimum=1)
     low, high = bounds
     if not 0 < low < high:

@@ -2,7 +2,8 @@ r"""Fractional probability regularisation (FPR) of DisMax: a batch transform, se
 
 Half of the shuffled batch keeps its images and one-hot targets; the other half is replaced by images
 stitched from the four quadrants of four different images of the batch, whose target gives 0.25 to the
-class of each source image (0.5 if two sources share a class, and so on).
+class of each source image (0.5 if two sources share a class, and so on). The transform returns a mask of
+the stitched rows, which :class:`~dismax_plugin.DisMaxLoss` takes to weight them with the KL term.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def fpr_mix(
     targets: torch.Tensor,
     num_classes: int,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Build an FPR batch.
 
     The output holds the first :math:`B - \lfloor B/2 \rfloor` images of a random permutation of the
@@ -32,8 +33,9 @@ def fpr_mix(
     :param targets: class indices :math:`B`.
     :param num_classes: :math:`C`.
     :param generator: ``torch.Generator`` making the draw reproducible (its device is used for sampling).
-    :return: ``(images [B, Ch, H, W], soft_targets [B, C])``; soft targets are float32 (or the inputs'
-        floating dtype) and each row sums to 1.
+    :return: ``(images [B, Ch, H, W], soft_targets [B, C], stitched [B])``; soft targets are float32 (or the
+        inputs' floating dtype) and each row sums to 1; ``stitched`` is a bool mask of the stitched rows
+        (the last :math:`\lfloor B/2 \rfloor`), to pass to :class:`~dismax_plugin.DisMaxLoss`.
     :raises TypeError/ValueError: for non-image inputs, bad targets or ``num_classes``.
     """
     if not isinstance(inputs, torch.Tensor):
@@ -68,4 +70,5 @@ def fpr_mix(
     quarter = torch.full((n_mixed, 4), 0.25, dtype=soft_dtype, device=inputs.device)
     mixed_targets.scatter_add_(1, targets[sources], quarter)
     clean_targets = F.one_hot(targets[clean], num_classes).to(soft_dtype)
-    return torch.cat([inputs[clean], stitched]), torch.cat([clean_targets, mixed_targets])
+    mask = torch.arange(batch, device=inputs.device) >= batch - n_mixed
+    return torch.cat([inputs[clean], stitched]), torch.cat([clean_targets, mixed_targets]), mask

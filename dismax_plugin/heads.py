@@ -15,6 +15,13 @@ The heads follow timm's head protocol: ``(in_features, num_classes, *, device=No
 ``forward(x, pre_logits=False)`` and ``reset(num_classes)``. Deployment state (the temperature and OOD
 thresholds stored at chosen in-distribution TPRs) lives in buffers and round-trips through
 ``state_dict``.
+
+The logits are divided by the temperature so that probabilities are calibrated; OOD scores are taken from
+the logits at :math:`T = 1` (:meth:`PrototypeHead.ood_score` multiplies the temperature back, see
+:func:`dismax_plugin.scores.ood_score`), so calibration never changes which inputs are flagged.
+
+``forward`` is traceable and scriptable (``torch.fx.symbolic_trace``, ``torch.jit.script``/``trace``,
+``torch.export``, ``torch.compile``): its argument checks run in eager mode only.
 """
 
 from __future__ import annotations
@@ -27,8 +34,12 @@ from torch import nn
 
 from ._checks import check_choice, check_positive
 from .distances import euclidean_distances, normalized_distances
-from .scores import SCORE_NAMES, score
+from .scores import SCORE_NAMES, ood_score
 from .thresholds import _check_tpr
+
+# torch.fx records the distance functions as calls (leaves) instead of tracing their eager-only dispatch.
+torch.fx.wrap("euclidean_distances")
+torch.fx.wrap("normalized_distances")
 
 __all__ = ["HEADS", "DisMaxHead", "IsoMaxHead", "IsoMaxPlusHead", "PrototypeHead", "create_head"]
 
@@ -41,7 +52,9 @@ class PrototypeHead(nn.Module):
     """
 
     kind: str = ""
+    #: name of the OOD score used when none is given (one of :data:`dismax_plugin.SCORE_NAMES`)
     default_score: str = ""
+    __jit_unused_properties__ = ["stored_score", "stored_thresholds"]
 
     def __init__(self, in_features: int, num_classes: int, *, device=None, dtype=None):
         super().__init__()
@@ -71,19 +84,15 @@ class PrototypeHead(nn.Module):
         self.clear_thresholds()
 
     # ---------------------------------------------------------------- forward
-    def _logits(self, features: torch.Tensor, temperature: torch.Tensor | None) -> torch.Tensor:
-        """Logits divided by ``temperature`` (``None``: 1); scalars are folded into one multiplication."""
+    def _logits(self, features: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        """Logits divided by ``temperature`` (a 0-d tensor); scalars are folded into one multiplication."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def distance_logits(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits before the temperature (no shape checks)."""
-        return self._logits(features, None)
+        """Logits before the temperature, i.e. at :math:`T = 1` (no shape checks)."""
+        return self._logits(features, torch.ones_like(self.temperature))
 
-    def forward(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Logits :math:`B \\times C` from features :math:`B \\times D` (divided by ``temperature``).
-
-        :raises ValueError: if ``features`` is not :math:`B \\times D` with ``D == in_features``.
-        """
+    def _check_features(self, features) -> None:
         if not isinstance(features, torch.Tensor):
             raise TypeError(f"features must be a torch.Tensor [B, {self.in_features}]; got {type(features)}.")
         if features.ndim != 2 or features.shape[1] != self.in_features:
@@ -91,14 +100,30 @@ class PrototypeHead(nn.Module):
                 f"features must have shape [B, {self.in_features}] (in_features={self.in_features}); "
                 f"got {tuple(features.shape)}."
             )
+
+    def forward(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Logits :math:`B \\times C` from features :math:`B \\times D` (divided by ``temperature``).
+
+        :raises ValueError: if ``features`` is not :math:`B \\times D` with ``D == in_features`` (eager mode;
+            the check is skipped while scripting, tracing, exporting or compiling).
+        """
+        if not torch.jit.is_scripting():
+            if not _is_tracing():
+                self._check_features(features)
         if pre_logits:
             return features
         return self._logits(features, self.temperature)
 
     # ---------------------------------------------------------------- deployment
-    def ood_score(self, logits: torch.Tensor, name: str | None = None) -> torch.Tensor:
-        """In-distribution score [B] of this head's ``logits`` (default: :attr:`default_score`)."""
-        return score(logits, name or self.default_score)
+    def ood_score(self, logits: torch.Tensor, score: str | None = None) -> torch.Tensor:
+        """In-distribution score [B] (float64) of this head's calibrated ``logits`` [B, C], taken at
+        :math:`T = 1`: ``scores.ood_score(logits, self.temperature, score)``.
+
+        :param logits: the head's output (divided by its temperature).
+        :param score: one of :data:`dismax_plugin.SCORE_NAMES`; default :attr:`default_score`.
+        """
+        name = check_choice("score", score or self.default_score, SCORE_NAMES)
+        return ood_score(logits, self.temperature.to(torch.float64), name)
 
     def set_temperature(self, temperature: float) -> None:
         """Set the temperature that divides the logits (e.g. from :func:`calibrate_temperature`)."""
@@ -137,7 +162,9 @@ class PrototypeHead(nn.Module):
         self.threshold_score.fill_(-1)
 
     def is_ood(self, logits: torch.Tensor, tpr: float = 0.95) -> torch.Tensor:
-        """Flag OOD inputs (bool [B]): stored score below the threshold stored for ``tpr``.
+        """Flag OOD inputs (bool [B]): :meth:`ood_score` with the stored score below the threshold stored for
+        ``tpr``. ``logits`` are the head's (calibrated) output; thresholds come from
+        ``compute_thresholds(head.ood_score(val_logits))``.
 
         :raises RuntimeError: when no thresholds are stored; ValueError when ``tpr`` was not stored.
         """
@@ -152,7 +179,7 @@ class PrototypeHead(nn.Module):
         if not bool(match.any()):
             raise ValueError(f"tpr={tpr} has no stored threshold; stored tprs: {sorted(self.stored_thresholds)}.")
         threshold = self.thresholds[match][0]
-        return score(logits, self.stored_score) < threshold.to(logits.device)
+        return self.ood_score(logits, self.stored_score) < threshold.to(logits.device)
 
     def _apply(self, fn, recurse=True):
         # .to(dtype)/.half()/.double() would round the stored thresholds and TPRs to the model dtype (0.95 is
@@ -186,29 +213,29 @@ class PrototypeHead(nn.Module):
 class IsoMaxHead(PrototypeHead):
     r"""IsoMax head: :math:`z_j = -\lVert f - p_j \rVert / T`, prototypes initialised to 0.
 
-    Shapes: features :math:`B \times D` to logits :math:`B \times C`. Default score: ``es``.
+    Shapes: features :math:`B \times D` to logits :math:`B \times C`. Default score: ``mps`` (the paper: ``es``).
     """
 
     kind = "isomax"
-    default_score = "es"
+    default_score = "mps"  # chosen by benchmarks/digits_quality.py, see README
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.prototypes)
 
-    def _logits(self, features: torch.Tensor, temperature: torch.Tensor | None) -> torch.Tensor:
-        distances = euclidean_distances(features, self.prototypes)
-        return -distances if temperature is None else distances * (-1.0 / temperature)
+    def _logits(self, features: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        return euclidean_distances(features, self.prototypes) * (-1.0 / temperature)
 
 
 class IsoMaxPlusHead(PrototypeHead):
     r"""IsoMax+ head: :math:`z_j = -|s|\,\lVert \hat f - \hat p_j \rVert / T`.
 
     ``distance_scale`` :math:`s` is a learnable scalar (init 1); prototypes start from
-    :math:`\mathcal{N}(0, 1)`. Shapes: :math:`B \times D \to B \times C`. Default score: ``mds``.
+    :math:`\mathcal{N}(0, 1)`. Shapes: :math:`B \times D \to B \times C`. Default score: ``mps`` (the paper:
+    ``mds``).
     """
 
     kind = "isomaxplus"
-    default_score = "mds"
+    default_score = "mps"  # chosen by benchmarks/digits_quality.py, see README
 
     def __init__(self, in_features: int, num_classes: int, *, device=None, dtype=None):
         super().__init__(in_features, num_classes, device=device, dtype=dtype)
@@ -223,11 +250,10 @@ class IsoMaxPlusHead(PrototypeHead):
         """:math:`|s|\\,\\lVert \\hat f - \\hat p_j \\rVert` [B, C]."""
         return self.distance_scale.abs() * normalized_distances(features, self.prototypes)
 
-    def _factor(self, temperature: torch.Tensor | None) -> torch.Tensor:
-        factor = -self.distance_scale.abs()
-        return factor if temperature is None else factor / temperature
+    def _factor(self, temperature: torch.Tensor) -> torch.Tensor:
+        return self.distance_scale.abs() * (-1.0 / temperature)
 
-    def _logits(self, features: torch.Tensor, temperature: torch.Tensor | None) -> torch.Tensor:
+    def _logits(self, features: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
         return normalized_distances(features, self.prototypes) * self._factor(temperature)
 
     def extra_repr(self) -> str:
@@ -238,16 +264,27 @@ class DisMaxHead(IsoMaxPlusHead):
     r"""DisMax head: :math:`d_j = |s|\,\lVert \hat f - \hat p_j \rVert / \sqrt 2`,
     :math:`z_j = -(d_j + \frac{1}{C}\sum_k d_k) / T`.
 
-    Shapes: :math:`B \times D \to B \times C`. Default score: ``mmles``.
+    Shapes: :math:`B \times D \to B \times C`. Default score: ``mps`` (the paper: ``mmles``).
     """
 
     kind = "dismax"
-    default_score = "mmles"
+    default_score = "mps"  # chosen by benchmarks/digits_quality.py, see README
 
-    def _logits(self, features: torch.Tensor, temperature: torch.Tensor | None) -> torch.Tensor:
+    def _logits(self, features: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
         # -(d + mean d) with d = |s| u / sqrt(2), u the normalised distances: the scalars fold into one factor.
         unit = normalized_distances(features, self.prototypes)
         return (unit + unit.mean(dim=1, keepdim=True)) * (self._factor(temperature) / math.sqrt(2.0))
+
+
+def _is_tracing() -> bool:
+    """True under torch.jit.trace, torch.fx symbolic tracing, torch.export and torch.compile."""
+    return torch.jit.is_tracing() or _is_fx_symbolic_tracing() or torch.compiler.is_compiling()
+
+
+# torch >= 2.6 names the symbolic-tracing test apart from export's; older versions have only is_fx_tracing.
+_is_fx_symbolic_tracing = getattr(
+    torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing
+)
 
 
 HEADS: dict[str, type[PrototypeHead]] = {cls.kind: cls for cls in (IsoMaxHead, IsoMaxPlusHead, DisMaxHead)}

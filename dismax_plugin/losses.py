@@ -37,29 +37,54 @@ def _prepare(logits, targets, entropic_scale, reduction):
     return entropic_scale * logits, reduction
 
 
-def _soft_cross_entropy(log_probs: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
-    return -(soft.to(log_probs.dtype) * log_probs).sum(dim=1)
+def _cross_entropy(scaled: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Per-row ``F.cross_entropy`` for class indices [B] or probability targets [B, C]."""
+    if targets.ndim == 2:
+        targets = targets.to(scaled.dtype)
+    return F.cross_entropy(scaled, targets, reduction="none", label_smoothing=label_smoothing)
+
+
+def _check_smoothing(label_smoothing) -> float:
+    check_positive("label_smoothing", label_smoothing, minimum=0.0)
+    if not label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing!r}.")
+    return float(label_smoothing)
+
+
+def _check_stitched(stitched, batch: int) -> torch.Tensor:
+    if not isinstance(stitched, torch.Tensor) or stitched.dtype != torch.bool:
+        raise TypeError(
+            f"stitched must be a bool tensor [B] marking fpr_mix's stitched rows; got "
+            f"{getattr(stitched, 'dtype', type(stitched).__name__)}."
+        )
+    if stitched.shape != (batch,):
+        raise ValueError(f"stitched must have shape [B] = ({batch},); got {tuple(stitched.shape)}.")
+    return stitched
 
 
 def isomax_loss(
-    logits: torch.Tensor, targets: torch.Tensor, entropic_scale: float = 10.0, reduction: str = "mean"
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    entropic_scale: float = 10.0,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     r"""IsoMax / IsoMax+ loss: cross-entropy of the entropically scaled logits.
 
     .. math:: \mathcal{L} = -\sum_j t_j \log \mathrm{softmax}(E z)_j
 
+    with :math:`t` the one-hot or soft target, smoothed to :math:`(1 - \epsilon)\,t + \epsilon / C` by
+    ``label_smoothing`` :math:`\epsilon` (``F.cross_entropy``'s own smoothing).
+
     :param logits: :math:`B \times C` (negative distances from an isotropic head).
     :param targets: class indices :math:`B` or soft targets :math:`B \times C`.
     :param entropic_scale: :math:`E > 0`.
     :param reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per sample, :math:`B`).
+    :param label_smoothing: :math:`\epsilon \in [0, 1)`.
     :raises ValueError: for bad shapes, out-of-range labels, rows not summing to 1, ``entropic_scale <= 0``.
     """
     scaled, reduction = _prepare(logits, targets, entropic_scale, reduction)
-    if targets.ndim == 2:
-        per_sample = _soft_cross_entropy(F.log_softmax(scaled, dim=1), targets)
-    else:
-        per_sample = F.cross_entropy(scaled, targets, reduction="none")
-    return _reduce(per_sample, reduction)
+    return _reduce(_cross_entropy(scaled, targets, _check_smoothing(label_smoothing)), reduction)
 
 
 def dismax_loss(
@@ -68,74 +93,99 @@ def dismax_loss(
     entropic_scale: float = 10.0,
     alpha: float = 1.0,
     reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    stitched: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""DisMax loss with fractional probability regularisation (FPR).
 
-    Rows whose target is one-hot (or a class index) are *clean* and contribute the cross-entropy of
-    :math:`E z`; rows whose target is fractional (the stitched images of :func:`fpr_mix`, or any other soft
-    target) are *mixed* and contribute :math:`\mathrm{KL}(t \,\Vert\, \mathrm{softmax}(E z))`. With
-    ``reduction="mean"`` this is the paper's objective for any batch size,
+    Rows marked in ``stitched`` (the images :func:`fpr_mix` stitched from four sources) contribute
+    :math:`\alpha\,\mathrm{KL}(t \,\Vert\, \mathrm{softmax}(E z))`; every other row is *clean* and contributes
+    the cross-entropy of :math:`E z` with its target (class index or soft target such as Mixup), smoothed by
+    ``label_smoothing`` as in :func:`isomax_loss`. Which rows are stitched is said by the mask, never guessed
+    from the targets: without it, every row is clean. With ``reduction="mean"`` this is the paper's objective
+    for any batch size,
 
-    .. math:: \mathcal{L} = \tfrac12\bigl(\overline{\mathrm{CE}}_{clean} + \alpha\,\overline{\mathrm{KL}}_{mixed}\bigr),
+    .. math:: \mathcal{L} = \tfrac12\bigl(\overline{\mathrm{CE}}_{clean} + \alpha\,\overline{\mathrm{KL}}_{st}\bigr),
 
-    or the one mean that exists when the batch has only clean (:math:`\overline{\mathrm{CE}}`) or only mixed
-    rows (:math:`\alpha\,\overline{\mathrm{KL}}`). ``"sum"``/``"none"`` give the per-row terms, mixed rows
-    weighted by :math:`\alpha`. With class-index targets it equals :func:`isomax_loss`. (A stitched image whose
-    four sources share one class has a one-hot target and counts as clean; its KL equals its CE.)
+    (:math:`st` = stitched rows), or the one mean that exists when the batch has only clean
+    (:math:`\overline{\mathrm{CE}}`) or only stitched rows (:math:`\alpha\,\overline{\mathrm{KL}}`).
+    ``"sum"``/``"none"`` give the per-row terms, stitched rows weighted by :math:`\alpha`. Without stitched
+    rows it equals :func:`isomax_loss`.
 
     :param logits: :math:`B \times C` from a :class:`DisMaxHead`.
     :param targets: class indices :math:`B` or soft targets :math:`B \times C`.
-    :param alpha: weight :math:`\alpha \ge 0` of the KL term on mixed rows.
+    :param alpha: weight :math:`\alpha \ge 0` of the KL term on stitched rows.
+    :param label_smoothing: :math:`\epsilon \in [0, 1)`, applied to the clean rows only.
+    :param stitched: bool :math:`B`, the third output of :func:`fpr_mix`; ``None``: no stitched rows.
+    :raises ValueError/TypeError: for bad shapes, labels, ``alpha < 0`` or a ``stitched`` that is not bool [B].
     """
     scaled, reduction = _prepare(logits, targets, entropic_scale, reduction)
     check_positive("alpha", alpha, minimum=0.0)
-    if targets.ndim != 2:
-        return _reduce(F.cross_entropy(scaled, targets, reduction="none"), reduction)
-    soft = targets.to(scaled.dtype)
-    cross_entropy = _soft_cross_entropy(F.log_softmax(scaled, dim=1), soft)
-    neg_entropy = torch.special.xlogy(soft, soft).sum(dim=1)  # sum t log t, 0 for one-hot rows
-    per_row = cross_entropy + neg_entropy  # KL(t || q); equals the CE on one-hot rows
-    mixed = soft.amax(dim=1) < 1.0 - 1e-6
+    smoothing = _check_smoothing(label_smoothing)
+    if stitched is None:
+        return _reduce(_cross_entropy(scaled, targets, smoothing), reduction)
+    stitched = _check_stitched(stitched, scaled.shape[0]).to(scaled.device)
+    plain = _cross_entropy(scaled, targets, 0.0)
+    kl = plain
+    if targets.ndim == 2:  # KL(t || q) = CE(t, q) + sum t log t
+        soft = targets.to(plain.dtype)
+        kl = plain + torch.special.xlogy(soft, soft).sum(dim=1)
+    clean = _cross_entropy(scaled, targets, smoothing) if smoothing else plain
     if reduction != "mean":
-        return _reduce(torch.where(mixed, float(alpha) * per_row, per_row), reduction)
-    if per_row.numel() == 0:
-        return per_row.sum()
-    n_mixed = mixed.sum().to(per_row.dtype)
-    n_clean = mixed.numel() - n_mixed
-    weight = torch.where(mixed, float(alpha) / n_mixed.clamp_min(1), 1.0 / n_clean.clamp_min(1))
-    both = (n_mixed > 0) & (n_clean > 0)
-    return torch.where(both, 0.5, 1.0).to(per_row.dtype) * (weight * per_row).sum()
+        return _reduce(torch.where(stitched, float(alpha) * kl, clean), reduction)
+    if clean.numel() == 0:
+        return clean.sum()
+    n_stitched = stitched.sum().to(clean.dtype)
+    n_clean = stitched.numel() - n_stitched
+    weighted = torch.where(stitched, float(alpha) * kl / n_stitched.clamp_min(1), clean / n_clean.clamp_min(1))
+    both = (n_stitched > 0) & (n_clean > 0)
+    return torch.where(both, 0.5, 1.0).to(clean.dtype) * weighted.sum()
 
 
 class IsoMaxLoss(nn.Module):
     """Module form of :func:`isomax_loss`: ``forward(logits [B, C], targets [B] | [B, C]) -> loss``."""
 
-    def __init__(self, entropic_scale: float = 10.0, reduction: str = "mean"):
+    def __init__(self, entropic_scale: float = 10.0, reduction: str = "mean", *, label_smoothing: float = 0.0):
         super().__init__()
         check_positive("entropic_scale", entropic_scale)
         self.entropic_scale = float(entropic_scale)
+        self.label_smoothing = _check_smoothing(label_smoothing)
         self.reduction = check_choice("reduction", reduction, _REDUCTIONS)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return isomax_loss(logits, targets, self.entropic_scale, self.reduction)
+        return isomax_loss(logits, targets, self.entropic_scale, self.reduction, self.label_smoothing)
 
     def extra_repr(self) -> str:
-        return f"entropic_scale={self.entropic_scale}, reduction={self.reduction!r}"
+        return (
+            f"entropic_scale={self.entropic_scale}, label_smoothing={self.label_smoothing}, "
+            f"reduction={self.reduction!r}"
+        )
 
 
 class DisMaxLoss(nn.Module):
-    """Module form of :func:`dismax_loss`: ``forward(logits [B, C], targets [B] | [B, C]) -> loss``."""
+    """Module form of :func:`dismax_loss`:
+    ``forward(logits [B, C], targets [B] | [B, C], stitched=None [B] bool) -> loss``."""
 
-    def __init__(self, entropic_scale: float = 10.0, alpha: float = 1.0, reduction: str = "mean"):
+    def __init__(
+        self, entropic_scale: float = 10.0, alpha: float = 1.0, reduction: str = "mean", *, label_smoothing: float = 0.0
+    ):
         super().__init__()
         check_positive("entropic_scale", entropic_scale)
         check_positive("alpha", alpha, minimum=0.0)
         self.entropic_scale = float(entropic_scale)
         self.alpha = float(alpha)
+        self.label_smoothing = _check_smoothing(label_smoothing)
         self.reduction = check_choice("reduction", reduction, _REDUCTIONS)
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return dismax_loss(logits, targets, self.entropic_scale, self.alpha, self.reduction)
+    def forward(
+        self, logits: torch.Tensor, targets: torch.Tensor, stitched: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return dismax_loss(
+            logits, targets, self.entropic_scale, self.alpha, self.reduction, self.label_smoothing, stitched
+        )
 
     def extra_repr(self) -> str:
-        return f"entropic_scale={self.entropic_scale}, alpha={self.alpha}, reduction={self.reduction!r}"
+        return (
+            f"entropic_scale={self.entropic_scale}, alpha={self.alpha}, label_smoothing={self.label_smoothing}, "
+            f"reduction={self.reduction!r}"
+        )

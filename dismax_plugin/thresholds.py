@@ -21,9 +21,12 @@ def _check_tpr(tpr) -> float:
 def compute_thresholds(id_scores: torch.Tensor, tprs: Iterable[float] = DEFAULT_TPRS) -> dict[float, float]:
     r"""Score thresholds that keep a fraction ``tpr`` of in-distribution samples.
 
-    For each ``tpr`` the threshold :math:`t` is the lower empirical :math:`(1 - \mathrm{tpr})`-quantile of
-    ``id_scores``, so at least ``tpr`` of them satisfy ``score >= t``; an input with ``score < t`` is
-    flagged OOD. Scores are in-distribution scores (higher = more in-distribution).
+    An input with ``score < t`` is flagged OOD. For each ``tpr`` the threshold is the largest sample value
+    that keeps at least ``tpr`` of the :math:`N` scores: the order statistic :math:`s_{(k)}` (0-based,
+    ascending) with :math:`k = \lfloor N (1 - \mathrm{tpr}) \rfloor`, taken as ``torch.quantile(scores,
+    k / (N - 1), interpolation="nearest")``. On distinct scores exactly :math:`k` samples are flagged (5 of
+    100 at TPR 0.95); ties at the threshold are all kept. Scores are in-distribution scores (higher = more
+    in-distribution), e.g. ``head.ood_score(val_logits)``.
 
     :param id_scores: in-distribution scores of held-out ID data, shape :math:`N`.
     :param tprs: true-positive rates in (0, 1].
@@ -34,13 +37,15 @@ def compute_thresholds(id_scores: torch.Tensor, tprs: Iterable[float] = DEFAULT_
         id_scores = torch.as_tensor(id_scores)
     if id_scores.ndim != 1 or id_scores.numel() == 0:
         raise ValueError(f"id_scores must be a non-empty 1-D tensor [N]; got shape {tuple(id_scores.shape)}.")
-    if not id_scores.is_floating_point():
-        id_scores = id_scores.double()
-    if not bool(torch.isfinite(id_scores).all()):
+    scores = id_scores.detach().to(device="cpu", dtype=torch.float64)
+    if not bool(torch.isfinite(scores).all()):
         raise ValueError("id_scores must be finite; got NaN or inf.")
     tprs = [_check_tpr(t) for t in tprs]
     if not tprs:
         raise ValueError("tprs must name at least one true-positive rate, e.g. (0.95,).")
-    ordered = torch.sort(id_scores.detach().double().cpu()).values
-    n = ordered.numel()
-    return {t: float(ordered[int(math.floor((n - 1) * (1.0 - t) + 1e-9))]) for t in tprs}
+    n = scores.numel()
+    # k / (n - 1) lands on the k-th order statistic; "nearest" absorbs the rounding of the division.
+    flagged = [min(math.floor(n * (1.0 - t) + 1e-9), n - 1) for t in tprs]
+    q = torch.tensor([k / max(n - 1, 1) for k in flagged], dtype=torch.float64)
+    values = torch.quantile(scores, q, interpolation="nearest")
+    return {t: float(v) for t, v in zip(tprs, values)}

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dismax_plugin import calibrate_temperature, expected_calibration_error
+from dismax_plugin import calibrate_temperature, calibration_bins, expected_calibration_error
 
 
 def gen(seed):
@@ -23,6 +23,39 @@ def reference_ece(logits, labels, n_bins):
         if in_bin.any():
             ece += in_bin.double().mean() * (confidence[in_bin].mean() - accuracy[in_bin].mean()).abs()
     return float(ece)
+
+
+@pytest.mark.parametrize("n_bins", [1, 4, 15])
+def test_calibration_bins_match_a_per_bin_transcription(n_bins):
+    logits = torch.randn(300, 5, generator=gen(40)) * 2.0
+    labels = torch.randint(0, 5, (300,), generator=gen(41))
+    labels[:150] = logits[:150].argmax(dim=1)
+    probabilities = F.softmax(logits.double(), dim=1)
+    bins = calibration_bins(probabilities, labels, n_bins)
+    confidence, predicted = probabilities.max(dim=1)
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    for m, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        in_bin = (confidence > lo) & (confidence <= hi)
+        assert float(bins.count[m]) == float(in_bin.sum())
+        if in_bin.any():
+            assert abs(float(bins.confidence[m]) - float(confidence[in_bin].mean())) < 1e-12
+            assert abs(float(bins.accuracy[m]) - float((predicted == labels)[in_bin].double().mean())) < 1e-12
+        else:
+            assert float(bins.confidence[m]) == float(bins.accuracy[m]) == 0.0
+    # the ECE is the count-weighted gap of these very bins
+    ece = float(((bins.confidence - bins.accuracy).abs() * bins.count).sum() / 300)
+    assert abs(ece - expected_calibration_error(logits, labels, n_bins)) < 1e-12
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: calibration_bins(torch.full((3, 2), 0.7), torch.tensor([0, 1, 0])), ValueError, "probabilities must"),
+    (lambda: calibration_bins(torch.full((3, 2), 0.5), torch.tensor([0, 2, 0])), ValueError, "labels"),
+    (lambda: calibration_bins(torch.full((3, 2), 0.5), torch.tensor([0, 1, 0]), 0), ValueError, "n_bins"),
+    (lambda: calibration_bins(torch.full((3,), 0.5), torch.tensor([0, 1, 0])), ValueError, "probabilities"),
+])
+def test_bad_calibration_bins_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
 
 
 def sample(n, classes, true_temperature, seed):

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+import torchvision  # a declared dependency: a broken install must fail here, not skip
 from torch import nn
 
 from dismax_plugin import HEADS, DisMaxHead, convert, dismax_loss, find_classifier, heads_of
-
-torchvision = pytest.importorskip("torchvision")
 
 
 def mlp(dtype=None, device=None):

@@ -224,3 +224,76 @@ def test_torch_func_transforms_work(fn, plain):
     torch.testing.assert_close(jacobian, torch.func.jacrev(lambda f: plain(f, p))(x))
     batched = torch.func.vmap(lambda f: fn(f, p))(x.reshape(3, 1, 5))
     torch.testing.assert_close(batched.reshape(3, 4), plain(x, p))
+
+
+# ----------------------------------------------------------------------------------------------- exactness
+def near_pairs(norm=30.0, distance=0.01, classes=6, dim=64, seed=25):
+    """Prototypes of norm ``norm`` and, for the first four, a feature at exactly ``distance`` (float64)."""
+    p = randn(classes, dim, seed=seed)
+    p = norm * p / p.norm(dim=1, keepdim=True)
+    direction = randn(4, dim, seed=seed + 1)
+    x = p[:4] + distance * direction / direction.norm(dim=1, keepdim=True)
+    return x, p
+
+
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_euclidean_is_exact_near_a_prototype(requires_grad):
+    # |p| = 30, true distance 0.01: the expansion |f|^2 + |p|^2 - 2 f.p cancels 1e7-fold in float32.
+    x, p = near_pairs()
+    x32, p32 = x.float().requires_grad_(requires_grad), p.float().requires_grad_(requires_grad)
+    got = euclidean_distances(x32, p32)
+    want = plain_euclidean(x32.detach().double(), p32.detach().double())  # the float32 inputs, exactly
+    assert (got.detach().diagonal()[:4] > 0).all()
+    assert ((got.detach().double() - want).abs() / want).max() <= 1e-3
+    if requires_grad:
+        upstream = randn(4, 6, seed=27, dtype=torch.float32)
+        grads = torch.autograd.grad(got, (x32, p32), upstream)
+        x64, p64 = x32.detach().double().requires_grad_(True), p32.detach().double().requires_grad_(True)
+        wants = torch.autograd.grad(plain_euclidean(x64, p64), (x64, p64), upstream.double())
+        for g, w in zip(grads, wants):
+            assert (g.double() - w).abs().max() <= 1e-3 * w.abs().max()
+
+
+@pytest.mark.parametrize("dim", [16, 512])
+def test_euclidean_relative_error_bound_over_a_sweep_of_distances(dim):
+    # The documented bound: relative error <= 1e-3 whenever d >= 1e-4 (|f| + |p|), never 0 for distinct vectors.
+    # Two prototypes sit 0.02 apart, so a feature near one is near the other too (not only the nearest is fixed).
+    p = randn(8, dim, seed=28)
+    p[1] = p[0] + 0.02 * randn(dim, seed=29) / dim**0.5
+    p = 40.0 * p / p[0].norm()
+    scales = torch.logspace(-5, 1, 24, dtype=torch.float64)
+    x = p[0] + scales[:, None] * randn(24, dim, seed=30) / dim**0.5
+    x32, p32 = x.float(), p.float()
+    got = euclidean_distances(x32, p32).double()
+    want = plain_euclidean(x32.double(), p32.double())
+    sizes = x32.double().norm(dim=1, keepdim=True) + p32.double().norm(dim=1)
+    judged = want >= 1e-4 * sizes
+    assert judged.sum() > 150
+    assert ((got - want).abs() / want)[judged].max() <= 1e-3
+    assert (got[want > 0] > 0).all()
+
+
+def test_plain_path_recomputes_each_rows_nearest_prototype():
+    # Tracing, export, autocast and torch.func use the plain expression: static shapes, nearest pair exact.
+    x, p = near_pairs()
+    got = _euclidean_reference(x.float(), p.float()).double()
+    want = plain_euclidean(x.float().double(), p.float().double())
+    assert ((got.diagonal()[:4] - want.diagonal()[:4]).abs() / want.diagonal()[:4]).max() <= 1e-3
+    traced = torch.jit.trace(euclidean_distances, (x.float(), p.float()))
+    torch.testing.assert_close(traced(x.float(), p.float()).double(), got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_normalized_zero_and_tiny_rows_in_half_precision(dtype):
+    x = randn(3, 8, seed=31).to(dtype)
+    x[0] = 0.0
+    x[1] = 1e-3 * x[1]  # below the float16 floor 2**-8: scaled like F.normalize with that eps
+    p = randn(4, 8, seed=32).to(dtype).requires_grad_(True)
+    x.requires_grad_(True)
+    d = normalized_distances(x, p)
+    eps = 2.0**-8 if dtype == torch.float16 else 1e-12
+    want = plain_euclidean(F.normalize(x.detach().double(), eps=eps), F.normalize(p.detach().double(), eps=eps))
+    torch.testing.assert_close(d.detach().double(), want, rtol=2e-2, atol=2e-2)
+    assert torch.equal(d.detach()[0], torch.ones(4, dtype=dtype))
+    d.sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(p.grad).all()

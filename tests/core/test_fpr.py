@@ -34,12 +34,13 @@ def find_source(images, patch, rows, cols):
 def test_clean_half_and_stitched_half_geometry(size, height, width):
     classes = 5
     images, labels = batch(size, height=height, width=width, classes=classes)
-    mixed, targets = fpr_mix(images, labels, classes, generator=gen(3))
+    mixed, targets, stitched = fpr_mix(images, labels, classes, generator=gen(3))
     assert mixed.shape == images.shape and mixed.dtype == images.dtype
     assert targets.shape == (size, classes) and targets.dtype == torch.float32
     torch.testing.assert_close(targets.sum(dim=1), torch.ones(size))
     n_mixed = size // 2
     n_clean = size - n_mixed
+    assert stitched.dtype == torch.bool and stitched.tolist() == [False] * n_clean + [True] * n_mixed
 
     # Clean half: distinct batch images (a shuffle, no repeats) with their one-hot targets.
     clean_sources = []
@@ -61,7 +62,7 @@ def test_clean_half_and_stitched_half_geometry(size, height, width):
 def test_stitched_targets_are_fractional_when_classes_differ():
     images = torch.randn(8, 1, 4, 4, generator=gen(4))
     labels = torch.arange(8)  # every image its own class
-    _, targets = fpr_mix(images, labels, 8, generator=gen(5))
+    _, targets, _ = fpr_mix(images, labels, 8, generator=gen(5))
     assert (targets[:4].max(dim=1).values == 1.0).all()
     assert torch.equal(torch.sort(targets[4:], dim=1, descending=True).values[:, :4], torch.full((4, 4), 0.25))
 
@@ -71,7 +72,7 @@ def test_deterministic_under_a_generator():
     first = fpr_mix(images, labels, 5, generator=gen(7))
     second = fpr_mix(images, labels, 5, generator=gen(7))
     other = fpr_mix(images, labels, 5, generator=gen(8))
-    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
     assert not torch.equal(first[0], other[0])
     torch.manual_seed(0)
     global_a = fpr_mix(images, labels, 5)
@@ -83,8 +84,8 @@ def test_deterministic_under_a_generator():
 @pytest.mark.parametrize("size", [1, 2, 3])
 def test_small_batches(size):
     images, labels = batch(size)
-    mixed, targets = fpr_mix(images, labels, 5, generator=gen(9))
-    assert mixed.shape == images.shape and targets.shape == (size, 5)
+    mixed, targets, stitched = fpr_mix(images, labels, 5, generator=gen(9))
+    assert mixed.shape == images.shape and targets.shape == (size, 5) and int(stitched.sum()) == size // 2
     torch.testing.assert_close(targets.sum(dim=1), torch.ones(size))
     if size == 1:
         assert torch.equal(mixed, images)
@@ -92,9 +93,9 @@ def test_small_batches(size):
 
 def test_integer_images_and_half_precision():
     images = torch.randint(0, 255, (6, 3, 5, 5), dtype=torch.uint8, generator=gen(10))
-    mixed, targets = fpr_mix(images, torch.arange(6) % 3, 3, generator=gen(11))
+    mixed, targets, _ = fpr_mix(images, torch.arange(6) % 3, 3, generator=gen(11))
     assert mixed.dtype == torch.uint8 and targets.dtype == torch.float32
-    mixed, targets = fpr_mix(images.half(), torch.arange(6) % 3, 3, generator=gen(11))
+    mixed, targets, _ = fpr_mix(images.half(), torch.arange(6) % 3, 3, generator=gen(11))
     assert targets.dtype == torch.float16
     torch.testing.assert_close(targets.sum(dim=1), torch.ones(6, dtype=torch.float16))
 
@@ -130,15 +131,52 @@ def test_dismax_loss_on_an_fpr_batch_is_the_papers_objective(size, classes, alph
         labels = torch.randperm(classes, generator=gen(14))[:size]
     else:
         labels = torch.randint(0, classes, (size,), generator=gen(labels_seed))
-    _, targets = fpr_mix(images, labels, classes, generator=gen(15))
+    _, targets, stitched = fpr_mix(images, labels, classes, generator=gen(15))
     logits = torch.randn(size, classes, generator=gen(16), dtype=torch.float64).requires_grad_(True)
-    got = DisMaxLoss(entropic_scale=10.0, alpha=alpha)(logits, targets)
+    got = DisMaxLoss(entropic_scale=10.0, alpha=alpha)(logits, targets, stitched)
     want = paper_objective(logits, targets, size - size // 2, 10.0, alpha)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     # Same gradients as the transcription, and the float32 path agrees to float32 accuracy.
     torch.testing.assert_close(torch.autograd.grad(got, logits)[0], torch.autograd.grad(want, logits)[0])
-    torch.testing.assert_close(dismax_loss(logits.detach().float(), targets, alpha=alpha).double(),
+    torch.testing.assert_close(dismax_loss(logits.detach().float(), targets, alpha=alpha, stitched=stitched).double(),
                                want.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_label_smoothing_applies_to_the_clean_rows_only():
+    images, labels = torch.randn(10, 1, 4, 4, generator=gen(20)), torch.arange(10) % 7
+    _, targets, stitched = fpr_mix(images, labels, 7, generator=gen(21))
+    logits = torch.randn(10, 7, generator=gen(22), dtype=torch.float64)
+    eps, n_clean = 0.1, 5
+    smoothed = targets.double().clone()
+    smoothed[:n_clean] = smoothed[:n_clean] * (1 - eps) + eps / 7  # the clean rows' smoothed targets
+    want = paper_objective(logits, targets, n_clean, 10.0, 0.5)
+    log_p = torch.log_softmax(10.0 * logits, dim=1)
+    ce_clean = -(smoothed[:n_clean] * log_p[:n_clean]).sum(dim=1).mean()
+    ce_plain = -log_p[:n_clean].gather(1, targets[:n_clean].argmax(dim=1, keepdim=True)).mean()
+    want = want + (ce_clean - ce_plain) / 2  # only the clean half of the objective changes
+    got = DisMaxLoss(alpha=0.5, label_smoothing=eps)(logits, targets, stitched)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_soft_rows_without_the_mask_are_plain_cross_entropy():
+    # --no-fpr --smoothing 0.1 --alpha 0 used to give a zero loss: smoothed rows were taken for stitched ones.
+    logits = torch.randn(6, 4, generator=gen(23), dtype=torch.float64)
+    smoothed = F.one_hot(torch.arange(6) % 4, 4).double() * 0.9 + 0.1 / 4
+    got = DisMaxLoss(alpha=0.0)(logits, smoothed)
+    want = -(smoothed * torch.log_softmax(10.0 * logits, dim=1)).sum(dim=1).mean()
+    assert float(got) > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got, dismax_loss(logits, torch.arange(6) % 4, label_smoothing=0.1, alpha=0.0))
+
+
+@pytest.mark.parametrize("stitched, error, match", [
+    (torch.tensor([0, 1, 0, 1]), TypeError, "stitched must be a bool tensor"),
+    ([False, True, False, True], TypeError, "stitched must be a bool tensor"),
+    (torch.tensor([False, True]), ValueError, r"stitched must have shape \[B\] = \(4,\)"),
+])
+def test_bad_stitched_mask(stitched, error, match):
+    with pytest.raises(error, match=match):
+        dismax_loss(torch.zeros(4, 3), torch.tensor([0, 1, 2, 0]), stitched=stitched)
 
 
 # ----------------------------------------------------------------------------------------------- bad input

@@ -9,14 +9,18 @@ import torch.nn.functional as F
 
 from dismax_plugin import (
     HEADS,
+    SCORE_NAMES,
     DisMaxHead,
     DisMaxLoss,
     IsoMaxHead,
     IsoMaxLoss,
     IsoMaxPlusHead,
     PrototypeHead,
+    calibrate_temperature,
+    compute_thresholds,
     create_head,
     dismax_loss,
+    expected_calibration_error,
     fpr_mix,
     scores,
 )
@@ -167,8 +171,9 @@ def test_temperature_divides_the_logits(cls):
     assert "temperature=4" in repr(head)
 
 
+# The defaults chosen by benchmarks/digits_quality.py's rule (README "OOD quality on the digits benchmark").
 @pytest.mark.parametrize("name, cls, default_score", [
-    ("isomax", IsoMaxHead, "es"), ("isomaxplus", IsoMaxPlusHead, "mds"), ("dismax", DisMaxHead, "mmles")])
+    ("isomax", IsoMaxHead, "mps"), ("isomaxplus", IsoMaxPlusHead, "mps"), ("dismax", DisMaxHead, "mps")])
 def test_registry_and_default_scores(name, cls, default_score):
     assert HEADS[name] is cls and cls.default_score == default_score
     head = create_head(name.upper(), 4, 3)
@@ -176,6 +181,70 @@ def test_registry_and_default_scores(name, cls, default_score):
     logits = randn(5, 3, seed=8)
     torch.testing.assert_close(head.ood_score(logits), getattr(scores, default_score)(logits))
     torch.testing.assert_close(head.ood_score(logits, "mps"), scores.mps(logits))
+
+
+@pytest.mark.parametrize("cls", HEAD_CLASSES)
+def test_ood_scores_rankings_and_flags_do_not_depend_on_the_temperature(cls):
+    head = make_head(cls, in_features=16, num_classes=4)
+    val, test = randn(200, 16, seed=20), randn(300, 16, seed=21) * 3
+    with torch.no_grad():
+        head.set_thresholds(compute_thresholds(head.ood_score(head(val))))
+        at_one = {name: head.ood_score(head(test), name) for name in SCORE_NAMES}
+        flags = head.is_ood(head(test))
+        for temperature in (0.03, 0.4, 25.0):  # ECE calibration on ~100% accurate data drives T towards 0
+            head.set_temperature(temperature)
+            calibrated = head(test)
+            for name in SCORE_NAMES:
+                got = head.ood_score(calibrated, name)
+                torch.testing.assert_close(got, at_one[name], rtol=1e-5, atol=1e-6)
+            assert torch.equal(head.is_ood(calibrated), flags)
+        # Scoring the calibrated logits directly would rank the inputs differently (MPS saturates at T = 0.03).
+        head.set_temperature(0.03)
+        assert not torch.equal(scores.mps(head(test)).argsort(), at_one["mps"].argsort())
+
+
+@pytest.mark.parametrize("cls", HEAD_CLASSES)
+def test_probabilities_of_the_output_stay_calibrated(cls):
+    head = make_head(cls, in_features=16, num_classes=4)
+    features = randn(400, 16, seed=22)
+    with torch.no_grad():
+        raw = head(features)
+        # labels: the nearest prototype, with 30% flipped, so that T = 1 is over-confident
+        labels = raw.argmax(dim=1)
+        flip = torch.rand(400, generator=torch.Generator().manual_seed(23)) < 0.3
+        labels[flip] = (labels[flip] + 1) % 4
+        temperature = calibrate_temperature(raw, labels, objective="nll")
+        head.set_temperature(temperature)
+        calibrated = head(features)
+    torch.testing.assert_close(calibrated.softmax(dim=1), (raw / temperature).softmax(dim=1))
+    before, after = expected_calibration_error(raw, labels), expected_calibration_error(calibrated, labels)
+    assert temperature != 1.0 and after < before
+    assert F.cross_entropy(calibrated, labels) < F.cross_entropy(raw, labels)
+
+
+@pytest.mark.parametrize("cls", HEAD_CLASSES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_zero_and_tiny_feature_rows_in_half_precision(cls, dtype):
+    # float16 used to floor the norm at 1e-12 (= 0 in float16): NaN hidden as distance 0, NaN gradients.
+    head = make_head(cls, in_features=8, num_classes=3).to(dtype)
+    features = randn(4, 8, seed=24).to(dtype)
+    features[0] = 0.0
+    features[1] = 1e-3 * features[1]
+    features.requires_grad_(True)
+    logits = head(features)
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
+    f, p = features.detach().double(), head.prototypes.detach().double()
+    eps = 2.0**-8 if dtype == torch.float16 else 1e-12  # the documented normalisation floors
+    if cls is IsoMaxHead:
+        want = -(f[:, None] - p[None]).norm(dim=-1)
+    else:
+        d = (F.normalize(f, eps=eps)[:, None] - F.normalize(p, eps=eps)[None]).norm(dim=-1)
+        s = abs(float(head.distance_scale.detach().double()))
+        want = -s * d if cls is IsoMaxPlusHead else -(s * d + (s * d).mean(dim=1, keepdim=True)) / math.sqrt(2.0)
+    torch.testing.assert_close(logits.double(), want, rtol=2e-2, atol=2e-2)
+    dismax_loss(logits, torch.tensor([0, 1, 2, 0])).backward()
+    for tensor in (features, *head.parameters()):
+        assert torch.isfinite(tensor.grad).all()
 
 
 @pytest.mark.parametrize("cls", HEAD_CLASSES)
@@ -239,7 +308,7 @@ def test_state_dict_round_trip_into_a_fresh_head(cls):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_dtype_conversion_keeps_thresholds_exact(dtype):
     head = make_head(DisMaxHead)
-    head.set_thresholds({0.95: -1.2345678, 0.9: -1.0})
+    head.set_thresholds({0.95: -1.2345678, 0.9: -1.0}, score_name="mmles")
     head = head.to(dtype)
     assert head.prototypes.dtype == dtype and head.thresholds.dtype == torch.float64
     assert head.stored_thresholds == {0.95: -1.2345678, 0.9: -1.0}

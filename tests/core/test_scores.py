@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dismax_plugin import SCORE_NAMES, score, scores
-from dismax_plugin.scores import SCORES
+from dismax_plugin.scores import SCORES, ood_score
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -26,11 +26,13 @@ REFERENCE = {  # the papers' definitions, in float64
     "mds": lambda z: z.double().max(dim=1).values,
     "mmls": lambda z: z.double().max(dim=1).values + z.double().mean(dim=1),
     "mmles": lambda z: z.double().max(dim=1).values + z.double().mean(dim=1) + negative_entropy64(z),
+    "mmleps": lambda z: (z.double().max(dim=1).values + z.double().mean(dim=1) + negative_entropy64(z)
+                         + softmax64(z).max(dim=1).values),
 }
 
 
 def test_score_names():
-    assert SCORE_NAMES == ("mps", "es", "mds", "mmls", "mmles")
+    assert SCORE_NAMES == ("mps", "es", "mds", "mmls", "mmles", "mmleps")
     assert set(SCORES) == set(REFERENCE)
 
 
@@ -97,6 +99,37 @@ def test_scores_do_not_track_gradients_and_do_not_modify_logits():
 
 def test_empty_batch():
     assert score(torch.zeros(0, 3), "mmles").shape == (0,)
+
+
+# ----------------------------------------------------------------------------------------------- temperature
+@pytest.mark.parametrize("name", list(REFERENCE))
+@pytest.mark.parametrize("temperature", [0.03, 1.0, 7.5, torch.tensor(0.2), torch.tensor(0.2, dtype=torch.float64)])
+def test_ood_score_undoes_the_temperature(name, temperature):
+    raw = torch.randn(30, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 3
+    calibrated = raw / temperature
+    got = ood_score(calibrated.float(), temperature, name)
+    assert got.dtype == torch.float64 and got.shape == (30,)
+    torch.testing.assert_close(got, REFERENCE[name](raw.float()), rtol=1e-6, atol=1e-6)
+
+
+def test_scoring_calibrated_logits_directly_would_lose_the_ranking():
+    # Why ood_score exists: at T = 0.03 the max probability of calibrated logits saturates at 1.
+    raw = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.8, -3.0], [-1.0, -1.6, -3.0]], dtype=torch.float64)
+    assert float(scores.mps(raw / 0.03).max() - scores.mps(raw / 0.03).min()) < 1e-6
+    ranked = ood_score(raw / 0.03, 0.03, "mps")
+    assert ranked[0] > ranked[1] > ranked[2]
+
+
+@pytest.mark.parametrize("temperature, error, match", [
+    (0.0, ValueError, "temperature"),
+    (-1.0, ValueError, "temperature"),
+    (float("inf"), ValueError, "temperature"),
+    ("1", TypeError, "temperature"),
+    (torch.ones(2), ValueError, "temperature must be a number or a 0-d tensor"),
+])
+def test_bad_temperature(temperature, error, match):
+    with pytest.raises(error, match=match):
+        ood_score(torch.zeros(2, 3), temperature, "mps")
 
 
 # ----------------------------------------------------------------------------------------------- bad input

@@ -1,6 +1,7 @@
 """OOD thresholds at in-distribution TPRs, storage in the head, is_ood and the state_dict round trip."""
 
 import io
+import math
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ def test_default_tprs():
 
 @pytest.mark.parametrize("n", [1, 7, 100, 1001])
 @pytest.mark.parametrize("ties", [False, True])
-def test_at_least_tpr_of_id_scores_pass_and_the_threshold_is_tight(n, ties):
+def test_at_least_tpr_of_id_scores_pass_and_the_threshold_is_exact(n, ties):
     scores = torch.randn(n, generator=gen(n))
     if ties:
         scores = scores.round()
@@ -26,10 +27,21 @@ def test_at_least_tpr_of_id_scores_pass_and_the_threshold_is_tight(n, ties):
     assert set(thresholds) == set(DEFAULT_TPRS)
     for tpr, threshold in thresholds.items():
         assert isinstance(threshold, float) and threshold in scores.double().tolist()
-        kept = float((scores.double() >= threshold).double().mean())
-        assert kept >= tpr
-        if not ties:  # no more than two samples beyond the requested rate
-            assert kept <= tpr + 2.0 / n
+        kept = int((scores.double() >= threshold).sum())
+        assert kept >= tpr * n
+        if not ties:  # exactly floor(n * (1 - tpr)) samples flagged: one more kept would be one too many
+            assert n - kept == math.floor(n * (1 - tpr) + 1e-9)
+        # the next larger sample value would keep fewer than tpr
+        larger = scores.double()[scores.double() > threshold]
+        if larger.numel():
+            assert int((scores.double() >= larger.min()).sum()) < tpr * n
+
+
+def test_tpr_095_on_100_distinct_scores_flags_exactly_5():
+    scores = torch.randperm(100, generator=gen(0)).double() / 7.0
+    threshold = compute_thresholds(scores, tprs=(0.95,))[0.95]
+    assert threshold == 5 / 7.0  # the 6th smallest value
+    assert int((scores < threshold).sum()) == 5
 
 
 def test_thresholds_decrease_with_the_tpr():
@@ -41,7 +53,7 @@ def test_thresholds_decrease_with_the_tpr():
 
 
 def test_accepts_lists_and_integer_scores():
-    assert compute_thresholds([3.0, 1.0, 2.0, 4.0], tprs=(0.5,)) == {0.5: 2.0}
+    assert compute_thresholds([3.0, 1.0, 2.0, 4.0], tprs=(0.5,)) == {0.5: 3.0}  # keeps 3 and 4
     assert compute_thresholds(torch.tensor([3, 1, 2, 4]), tprs=(1.0,)) == {1.0: 1.0}
 
 
