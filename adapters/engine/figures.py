@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["close", "reliability_diagram", "roc_curves", "score_histogram"]
+__all__ = ["close", "near_far_auroc", "reliability_diagram", "roc_curves", "score_histogram"]
 
 
 def _figure(ncols: int = 1, width: float = 5.5, height: float = 4.0):
@@ -132,17 +132,14 @@ def _probabilities(values: np.ndarray) -> np.ndarray:
 
 
 def _reliability_panel(ax, probabilities: np.ndarray, labels: np.ndarray, n_bins: int, title: str) -> float:
-    confidence = probabilities.max(axis=1)
-    correct = (probabilities.argmax(axis=1) == labels).astype(np.float64)
-    # Bin m holds confidences in ((m-1)/M, m/M], as in dismax_plugin.expected_calibration_error.
-    bins = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
-    count = np.bincount(bins, minlength=n_bins).astype(np.float64)
-    accuracy = np.bincount(bins, weights=correct, minlength=n_bins)
-    mean_conf = np.bincount(bins, weights=confidence, minlength=n_bins)
+    import torch
+
+    from dismax_plugin.calibration import calibration_bins
+
+    bins = calibration_bins(torch.from_numpy(probabilities), torch.from_numpy(labels), n_bins)
+    mean_conf, accuracy, count = (t.numpy() for t in bins)
     filled = count > 0
-    accuracy[filled] /= count[filled]
-    mean_conf[filled] /= count[filled]
-    ece = float(np.abs(accuracy - mean_conf)[filled] @ count[filled] / confidence.size)
+    ece = float(np.abs(accuracy - mean_conf)[filled] @ count[filled] / labels.size)
     width = 1.0 / n_bins
     centers = (np.arange(n_bins) + 0.5) * width
     ax.bar(centers[filled], accuracy[filled], width=width, edgecolor="black", alpha=0.7, label="accuracy")
@@ -218,6 +215,40 @@ def reliability_diagram(
     ]
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def near_far_auroc(summary: Any, title: str = ""):
+    """Near- and far-OOD AUROC (percent) of every (model, method), as paired horizontal bars with the std over
+    seeds as error bars; one row per entry of ``summary`` (from the pytorch-ood adapter's ``summarize``).
+
+    :param summary: list of dicts with ``model``, ``method``, ``near AUROC``, ``far AUROC`` (fractions) and
+        optionally ``near AUROC std`` / ``far AUROC std``.
+    :param title: figure title.
+    :return: a matplotlib ``Figure`` whose height grows with the number of rows.
+    :raises ValueError: for an empty summary or entries without those keys.
+    """
+    entries = list(summary) if isinstance(summary, (list, tuple)) else None
+    needed = ("model", "method", "near AUROC", "far AUROC")
+    if not entries or not all(isinstance(e, Mapping) and all(k in e for k in needed) for e in entries):
+        raise ValueError(f"summary must be a non-empty list of dicts with keys {list(needed)}.")
+    labels = [f"{e['model']} · {e['method']}" for e in entries]
+    rows = np.arange(len(entries))
+    fig, (ax,) = _figure(width=7.5, height=1.2 + 0.28 * len(entries))
+    for offset, group, colour in ((-0.2, "near", "tab:orange"), (0.2, "far", "tab:blue")):
+        values = np.array([100 * float(e[f"{group} AUROC"]) for e in entries])
+        errors = np.array([100 * float(e.get(f"{group} AUROC std") or 0.0) for e in entries])
+        xerr = errors if errors.any() else None  # one seed: no error bars
+        ax.barh(rows + offset, values, height=0.38, xerr=xerr, color=colour, label=f"{group}-OOD", capsize=2)
+    ax.set_yticks(rows, labels, fontsize="small")
+    ax.invert_yaxis()
+    shown = [100 * float(e[k]) for e in entries for k in ("near AUROC", "far AUROC") if np.isfinite(float(e[k]))]
+    ax.set_xlim(max(0.0, min(shown, default=0.0) - 5), 100)
+    ax.set_xlabel("AUROC (%)")
+    ax.grid(axis="x", linestyle=":", linewidth=0.6)
+    fig.legend(fontsize="small", loc="outside lower center", ncols=2)
+    if title:
+        ax.set_title(title)
     return fig
 
 

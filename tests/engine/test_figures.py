@@ -94,3 +94,32 @@ def test_arguments_are_checked():
         figures.reliability_diagram(np.zeros((2, 3)), np.array([0, 1]), calibrated=np.zeros((2, 4)))
     with pytest.raises(ValueError, match="n_bins"):
         figures.reliability_diagram(np.zeros((2, 3)), np.array([0, 1]), n_bins=0)
+
+
+def test_near_far_auroc_draws_paired_bars_with_seed_error_bars():
+    summary = [
+        {"model": "dismax", "method": "MMLES", "near AUROC": 0.95, "far AUROC": 0.99, "near AUROC std": 0.01,
+         "far AUROC std": 0.002},
+        {"model": "ce", "method": "MaxSoftmax", "near AUROC": 0.9, "far AUROC": 0.6, "near AUROC std": None,
+         "far AUROC std": None},
+    ]  # fmt: skip
+    fig = figures.near_far_auroc(summary, title="digits")
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["dismax · MMLES", "ce · MaxSoftmax"]
+    widths = sorted(round(p.get_width(), 6) for p in ax.patches)
+    assert widths == [60.0, 90.0, 95.0, 99.0]  # percent, one bar per model/method and group
+    from matplotlib.container import BarContainer
+
+    bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert len(bars) == 2 and all(c.errorbar is not None for c in bars)  # std over seeds drawn
+    assert ax.get_xlim()[1] == 100 and ax.get_title() == "digits"
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["near-OOD", "far-OOD"]
+    taller = figures.near_far_auroc(summary * 10)
+    assert taller.get_size_inches()[1] > fig.get_size_inches()[1]
+    assert _png(fig).startswith(b"\x89PNG")
+    with pytest.raises(ValueError, match="summary"):
+        figures.near_far_auroc([])
+    with pytest.raises(ValueError, match="near AUROC"):
+        figures.near_far_auroc([{"model": "ce"}])
+    figures.close(fig)
+    figures.close(taller)

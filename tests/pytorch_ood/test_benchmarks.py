@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 
 import numpy as np
 import pytest
@@ -14,9 +13,10 @@ from pytorch_ood.benchmark import Benchmark
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 
-from dismax_plugin.adapters.pytorch_ood.benchmarks import BENCHMARK_NAMES, DigitsBenchmark, create_benchmark
+from dismax_plugin.adapters.pytorch_ood import BENCHMARK_NAMES, DigitsBenchmark, create_benchmark
 
-STANDARD = ("CIFAR10_ODIN", "CIFAR10_OpenOOD", "CIFAR100_ODIN", "CIFAR100_OpenOOD", "ImageNet_OpenOOD")
+STANDARD = ("CIFAR10_ODIN", "CIFAR100_ODIN", "CIFAR10_OpenOOD", "CIFAR100_OpenOOD", "ImageNet_OpenOOD",
+            "ImageNet200_OpenOOD")
 
 
 @pytest.fixture(scope="module")
@@ -165,14 +165,11 @@ def offline(monkeypatch, tmp_path):
 def test_standard_benchmark_without_data_fails_fast(offline, name):
     root = offline / "data"
     root.mkdir()
-    start = time.perf_counter()
     with pytest.raises(FileNotFoundError) as error:
         create_benchmark(name.lower(), root=root)
-    assert time.perf_counter() - start < 10.0
     message = str(error.value)
     assert name in message and str(root) in message and "Expected" in message
     assert os.listdir(root) == []  # nothing written, no partial download
-    assert not (offline / "hub").exists()
 
 
 def test_incomplete_cifar_is_reported_file_by_file(offline):
@@ -210,3 +207,47 @@ def test_openood_benchmark_builds_from_data_on_disk(offline):
     assert x.shape == (3, 24, 24) and y == 3
     x, y = benchmark.test_sets(known=False)[2][0]  # grey MNIST image made RGB
     assert x.shape == (3, 24, 24) and y == -1
+
+
+# -------------------------------------------------------------------- image folders
+def _image(path, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(path)
+
+
+def test_folder_benchmark_groups_near_far_and_flat_sets(tmp_path, caplog):
+    from dismax_plugin.adapters.pytorch_ood import FolderBenchmark
+
+    for i, label in enumerate(("cat", "dog", "cat")):
+        _image(tmp_path / "train" / label / f"{i}.png", i)
+        _image(tmp_path / "val" / label / f"{i}.png", 10 + i)
+    _image(tmp_path / "ood" / "near" / "fox" / "a.png", 20)
+    _image(tmp_path / "ood" / "far" / "noise" / "deep" / "b.png", 21)  # images in sub-folders count
+    _image(tmp_path / "ood" / "cars" / "c.png", 22)
+    with caplog.at_level("INFO"):
+        bench = create_benchmark(str(tmp_path), image_size=8)
+    assert isinstance(bench, FolderBenchmark) and bench.class_names == ["cat", "dog"] and bench.num_classes == 2
+    assert bench.ood_names == ["fox", "noise", "cars"]
+    assert bench.ood_groups == {"fox": "near", "noise": "far", "cars": "far"} and bench.ood_flat == ["cars"]
+    assert "far-OOD" in caplog.text and "cars" in caplog.text
+    mixed = bench.test_sets()[1]
+    assert len(mixed) == 3 + 1 and mixed[3][1] == -1 and mixed[0][0].shape == (3, 8, 8)
+    with pytest.raises(ValueError, match="At least one"):
+        bench.test_sets(known=False, unknown=False)
+
+
+def test_folder_benchmark_rejects_empty_and_duplicate_ood_sets(tmp_path):
+    from dismax_plugin.adapters.pytorch_ood import FolderBenchmark
+
+    for i, label in enumerate(("a", "b")):
+        _image(tmp_path / "train" / label / f"{i}.png", i)
+    (tmp_path / "ood" / "far" / "empty").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="empty.*no images"):
+        FolderBenchmark(tmp_path)
+    (tmp_path / "ood" / "far" / "empty").rmdir()
+    _image(tmp_path / "ood" / "near" / "x" / "1.png")
+    _image(tmp_path / "ood" / "x" / "2.png")
+    with pytest.raises(ValueError, match="unique.*'x'"):
+        FolderBenchmark(tmp_path)
+    with pytest.raises(FileNotFoundError, match="train"):
+        FolderBenchmark(tmp_path / "ood")

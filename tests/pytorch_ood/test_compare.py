@@ -1,24 +1,32 @@
-"""compare() on tiny timm models trained for a few steps: structure and sanity of the numbers, not quality."""
+"""The comparison harness on pytorch-ood's Benchmark.evaluate: rows, groups, metrics, ECE, throughput, tables."""
 
 from __future__ import annotations
 
 import copy
 import math
 
-import numpy as np
 import pytest
 import timm
 import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 import dismax_plugin as dp
-from dismax_plugin.adapters.pytorch_ood import DisMaxLoss
-from dismax_plugin.adapters.pytorch_ood.benchmarks import DigitsBenchmark
-from dismax_plugin.adapters.pytorch_ood.compare import DETECTOR_NAMES, METRIC_KEYS, compare, format_table
+from dismax_plugin.adapters.pytorch_ood import (
+    DETECTOR_NAMES,
+    METRIC_KEYS,
+    ROW_KEYS,
+    DigitsBenchmark,
+    DisMaxLoss,
+    check_detectors,
+    compare,
+    format_summary,
+    format_table,
+    report_markdown,
+    summarize,
+)
 
-REQUIRED = {"Model", "Method", "Dataset", *METRIC_KEYS, "ACC", "ECE", "fit_s", "images_per_s"}
 BATCH = 256
 
 
@@ -27,16 +35,11 @@ def _train(model: nn.Module, loss_fn, bench: DigitsBenchmark, steps: int = 20) -
     loader = DataLoader(bench.train_set(), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    step = 0
-    while step < steps:
-        for x, y in loader:
-            loss = loss_fn(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            step += 1
-            if step == steps:
-                break
+    for _, (x, y) in zip(range(steps), loader):
+        loss = loss_fn(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
     return model
 
 
@@ -44,153 +47,135 @@ def _train(model: nn.Module, loss_fn, bench: DigitsBenchmark, steps: int = 20) -
 def setup():
     bench = DigitsBenchmark(ood_size=60)
     torch.manual_seed(0)
-    iso = _train(dp.convert(timm.create_model("test_resnet", num_classes=6), "dismax"), DisMaxLoss(), bench)
+    iso = _train(dp.convert(timm.create_model("test_resnet", num_classes=6), "dismax"), DisMaxLoss(), bench, 40)
+    dp.heads_of(iso)[0][1].set_temperature(0.05)  # a calibrated head: scores must not change
     torch.manual_seed(0)
-    base = _train(timm.create_model("test_resnet", num_classes=6), nn.CrossEntropyLoss(), bench)
+    base = _train(timm.create_model("test_resnet", num_classes=6), nn.CrossEntropyLoss(), bench, 40)
     before = {name: copy.deepcopy(m.state_dict()) for name, m in (("iso", iso), ("base", base))}
-    fit_loader = DataLoader(bench.train_set(), batch_size=BATCH)
-    rows = compare(iso, base, bench, fit_loader=fit_loader, batch_size=BATCH)
-    return {"bench": bench, "iso": iso, "base": base, "before": before, "rows": rows, "fit_loader": fit_loader}
+    keep, skipped = {}, []
+    detectors = ["MaxSoftmax", "EnergyBased", "Mahalanobis", "KNN", "ViM", "TemperatureScaling", "ASH"]
+    rows = compare({"dismax": iso, "ce": base}, bench, fit_data=bench.train_set(), val_data=bench.val_set(),
+                   detectors=detectors, seed=3, batch_size=BATCH, timing_images=64, keep_scores=keep,
+                   skipped=skipped)  # fmt: skip
+    return {"bench": bench, "iso": iso, "base": base, "before": before, "rows": rows, "keep": keep,
+            "skipped": skipped, "detectors": detectors}  # fmt: skip
 
 
-def _rows(rows, model=None, method=None, dataset=None):
-    return [
-        r
-        for r in rows
-        if (model is None or r["Model"] == model)
-        and (method is None or r["Method"] == method)
-        and (dataset is None or r["Dataset"] == dataset)
-    ]
+def _rows(rows, **match):
+    return [r for r in rows if all(r[k] == v for k, v in match.items())]
 
 
-@torch.no_grad()
-def _id_and_ood_logits(model, bench, ood_index):
-    model.eval()
-    try:
-        out = []
-        for dataset in (bench.test_sets(unknown=False)[0], bench.test_sets(known=False)[ood_index]):
-            logits, labels = zip(*[(model(x), y) for x, y in DataLoader(dataset, batch_size=BATCH)])
-            out.append((torch.cat(logits), torch.cat(labels)))
-        return out
-    finally:
-        model.train()
-
-
-def test_rows_structure(setup):
+def test_rows_cover_every_model_method_and_set_with_its_group(setup):
     rows, bench = setup["rows"], setup["bench"]
-    methods = [m.upper() for m in dp.SCORE_NAMES] + list(DETECTOR_NAMES)
-    assert len(rows) == len(methods) * (len(bench.ood_names) + 1)
-    assert all(REQUIRED <= set(r) for r in rows)
-    assert {r["Method"] for r in _rows(rows, model="isotropic")} == {m.upper() for m in dp.SCORE_NAMES}
-    assert {r["Method"] for r in _rows(rows, model="baseline")} == set(DETECTOR_NAMES)
-    for method in methods:
-        assert [r["Dataset"] for r in _rows(rows, method=method)] == [*bench.ood_names, "mean"]
-
-
-def test_numbers_are_sane(setup):
-    rows = setup["rows"]
+    assert all(set(r) == set(ROW_KEYS) for r in rows)
+    natives = [s.upper() for s in dp.SCORE_NAMES]
+    dismax_methods = [*natives, *[d for d in setup["detectors"] if d != "ViM"]]
+    assert list(dict.fromkeys(r["method"] for r in _rows(rows, model="dismax"))) == dismax_methods
+    assert list(dict.fromkeys(r["method"] for r in _rows(rows, model="ce"))) == setup["detectors"]
     for r in rows:
-        for key in (*METRIC_KEYS, "ACC", "ECE"):
-            assert 0.0 <= r[key] <= 1.0 and math.isfinite(r[key]), (r["Method"], key, r[key])
-        assert r["images_per_s"] > 0 and math.isfinite(r["images_per_s"])
-        assert (r["fit_s"] > 0) == (r["Method"] in ("Mahalanobis", "KNN", "ViM")), r["Method"]
-    for model in ("isotropic", "baseline"):
-        values = {(r["ACC"], r["ECE"]) for r in _rows(rows, model=model)}
-        assert len(values) == 1  # one model, one accuracy and ECE
-        assert next(iter(values))[0] > 1 / 6  # better than chance after a few steps
+        assert r["seed"] == 3 and r["group"] == bench.ood_groups[r["dataset"]]
+        assert [x["dataset"] for x in _rows(rows, model=r["model"], method=r["method"])] == bench.ood_names
+    (skipped,) = setup["skipped"]
+    assert skipped == {"model": "dismax", "method": "ViM", "reason": skipped["reason"], "seed": 3}
+    assert "linear classifier" in setup["skipped"][0]["reason"]
 
 
-def test_mean_rows_average_the_sets(setup):
+def test_metrics_are_finite_fractions_and_match_sklearn(setup):
+    rows, keep = setup["rows"], setup["keep"]
+    for r in rows:
+        for key in (*METRIC_KEYS, "ACC", "ECE", "ECE-raw"):
+            assert 0.0 <= r[key] <= 1.0, (r["method"], key)
+        assert r["images_per_s"] > 0 and r["fit_s"] >= 0 and r["tuning"] == "defaults"
+    for r in _rows(rows, dataset="digits_6_9"):
+        scores = keep[(r["model"], r["method"])]
+        id_scores, ood_scores = scores["ID"], scores["digits_6_9"]
+        labels = [0] * len(id_scores) + [1] * len(ood_scores)  # OOD positive, larger score = more OOD
+        expected = roc_auc_score(labels, torch.cat([id_scores, ood_scores]).numpy())
+        assert r["AUROC"] == pytest.approx(expected, abs=1e-6)
+        # FPR95-ID: fraction of OOD accepted at the threshold keeping 95% of ID
+        threshold = torch.quantile(id_scores, 0.95)
+        assert r["FPR95-ID"] == pytest.approx(float((ood_scores <= threshold).double().mean()), abs=0.01)
+
+
+def test_native_scores_ignore_the_temperature_and_mps_equals_maxsoftmax_at_t1(setup):
+    rows, keep = setup["rows"], setup["keep"]
+    iso, bench = setup["iso"], setup["bench"]
+    (test_set,) = bench.test_sets(known=True, unknown=False)
+    with torch.no_grad():
+        logits = torch.cat([iso.eval()(x) for x, _ in DataLoader(test_set, batch_size=BATCH)])
+    torch.testing.assert_close(keep[("dismax", "MPS")]["ID"], -dp.score(logits * 0.05, "mps"))
+    # pytorch-ood's MaxSoftmax sees the calibrated logits (T = 0.05), the native MPS the logits at T = 1
+    msp = _rows(rows, model="dismax", method="MaxSoftmax")
+    mps = _rows(rows, model="dismax", method="MPS")
+    assert [r["AUROC"] for r in msp] != pytest.approx([r["AUROC"] for r in mps], abs=1e-9)
+
+
+def test_accuracy_and_calibrated_ece_are_computed_the_same_way_for_every_model(setup):
     rows, bench = setup["rows"], setup["bench"]
-    for method in {r["Method"] for r in rows}:
-        per_set = _rows(rows, method=method)[:-1]
-        mean = _rows(rows, method=method, dataset="mean")[0]
-        assert len(per_set) == len(bench.ood_names)
-        for key in METRIC_KEYS:
-            assert mean[key] == pytest.approx(np.mean([r[key] for r in per_set]))
+    (test_set,) = bench.test_sets(known=True, unknown=False)
+    for name, model, temperature in (("dismax", setup["iso"], 0.05), ("ce", setup["base"], 1.0)):
+        with torch.no_grad():
+            raw = [(model.eval()(x) * temperature, y) for x, y in DataLoader(test_set, batch_size=BATCH)]
+            val = [(model(x) * temperature, y) for x, y in DataLoader(bench.val_set(), batch_size=BATCH)]
+        logits, labels = torch.cat([z for z, _ in raw]), torch.cat([y for _, y in raw])
+        fitted = dp.calibrate_temperature(torch.cat([z for z, _ in val]), torch.cat([y for _, y in val]))
+        row = _rows(rows, model=name)[0]
+        assert row["ACC"] == pytest.approx(float((logits.argmax(1) == labels).double().mean()))
+        assert row["ECE-raw"] == pytest.approx(dp.expected_calibration_error(logits, labels), abs=1e-9)
+        assert row["ECE"] == pytest.approx(dp.expected_calibration_error(logits / fitted, labels), abs=1e-9)
 
 
-def test_accuracy_and_ece_match_direct_computation(setup):
-    bench = setup["bench"]
-    for name, model in (("isotropic", setup["iso"]), ("baseline", setup["base"])):
-        (logits, labels), _ = _id_and_ood_logits(model, bench, 0)
-        row = _rows(setup["rows"], model=name)[0]
-        assert row["ACC"] == pytest.approx(float((logits.argmax(1) == labels).float().mean()))
-        assert row["ECE"] == pytest.approx(dp.expected_calibration_error(logits, labels))
+def test_models_are_restored_and_untouched(setup):
+    for name, model in (("iso", setup["iso"]), ("base", setup["base"])):
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, setup["before"][name][key])
 
 
-def test_fpr_conventions_and_auroc(setup):
-    """FPR95TPR has OOD positive, FPR95-ID has ID positive; recomputed here from the model's logits."""
-    bench = setup["bench"]
-    for index, name in enumerate(bench.ood_names):
-        (id_logits, _), (ood_logits, _) = _id_and_ood_logits(setup["iso"], bench, index)
-        s_id = dp.scores.mmles(id_logits).numpy()  # in-distribution scores, larger = more ID
-        s_ood = dp.scores.mmles(ood_logits).numpy()
-        row = _rows(setup["rows"], method="MMLES", dataset=name)[0]
-        # ID positive: accept the top 95% of ID samples, count accepted OOD samples
-        t_id = np.sort(s_id)[::-1][math.ceil(0.95 * len(s_id)) - 1]
-        assert row["FPR95-ID"] == pytest.approx(np.mean(s_ood >= t_id))
-        # OOD positive: flag 95% of the OOD samples (lowest ID scores), count flagged ID samples
-        t_ood = np.sort(s_ood)[math.ceil(0.95 * len(s_ood)) - 1]
-        assert row["FPR95TPR"] == pytest.approx(np.mean(s_id <= t_ood))
-        labels = np.r_[np.zeros(len(s_id)), np.ones(len(s_ood))]
-        assert row["AUROC"] == pytest.approx(roc_auc_score(labels, -np.r_[s_id, s_ood]))
+def test_summary_near_far_and_seeds():
+    rows = []
+    for seed, shift in ((0, 0.0), (1, 0.1)):
+        for dataset, group, auroc in (("a", "near", 0.6), ("b", "far", 0.8), ("c", "far", 0.9)):
+            rows.append({"model": "ce", "seed": seed, "method": "MaxSoftmax", "dataset": dataset, "group": group,
+                         "AUROC": auroc + shift, "FPR95-ID": 0.5, "ACC": 0.9, "ECE": 0.1, "images_per_s": 100.0})
+    (one,) = summarize(rows)
+    assert one["near AUROC"] == pytest.approx(0.65) and one["far AUROC"] == pytest.approx(0.9)
+    assert one["near AUROC std"] == pytest.approx(math.sqrt(0.005)) and one["seeds"] == 2 and one["speed"] == 1.0
+    (single,) = summarize(rows[:3])
+    assert single["near AUROC std"] is None and "±" not in format_summary([single]).splitlines()[2]
+    text = format_summary([one])
+    assert "65.0±7.1*" in text and "85.0" not in text and max(len(line) for line in text.splitlines()) <= 100
+    report = report_markdown([one], rows, title="T", notes=["tuned: no"])
+    assert report.startswith("# T") and "**65.0±7.1**" in report and "- tuned: no" in report
+    assert "digits" not in report and "| ce | MaxSoftmax |" in report
 
 
-def test_models_restored_and_untouched(setup):
-    for key in ("iso", "base"):
-        model = setup[key]
-        assert model.training  # the mode from before compare()
-        after = model.state_dict()
-        # eval mode during scoring: batch-norm statistics were not updated
-        assert all(torch.equal(setup["before"][key][k], after[k]) for k in after)
-
-
-def test_format_table(setup):
-    rows = setup["rows"]
-    table = format_table(rows)
-    lines = table.splitlines()
-    assert len(lines) == len(rows) + 3  # header, rule, footnote
-    assert "AUROC (%)" in lines[0] and "FPR95-ID (%)" in lines[0] and "images_per_s" in lines[0]
-    assert "OOD positive" in lines[-1] and "in-distribution positive" in lines[-1]
-    first = lines[2]
-    assert first.startswith("isotropic") and f"{100 * rows[0]['AUROC']:.2f}" in first
-    assert format_table([]).count("\n") == 2
+def test_format_table_prints_percent_and_checks_its_input(setup):
+    text = format_table(setup["rows"][:2])
+    assert "AUROC (%)" in text and "FPR95-ID (%)" in text and "images_per_s" in text
+    assert f"{100 * setup['rows'][0]['AUROC']:.2f}" in text
     with pytest.raises(TypeError, match="rows"):
         format_table("rows")
 
 
-def test_one_model_and_chosen_methods(setup):
-    bench = setup["bench"]
-    small = Subset(bench.train_set(), range(0, 650, 5))
-    rows = compare(setup["iso"], None, bench, fit_loader=None, scores=["MDS", "mps"])
-    assert [r["Method"] for r in rows[:: len(bench.ood_names) + 1]] == ["MDS", "MPS"]
-    assert {r["Model"] for r in rows} == {"isotropic"}
-    fit_loader = DataLoader(small, batch_size=64)
-    rows = compare(None, setup["base"], bench, fit_loader=fit_loader, detectors=["knn", "maxlogit"])
-    assert [r["Method"] for r in rows[:: len(bench.ood_names) + 1]] == ["KNN", "MaxLogit"]
-    assert {r["Model"] for r in rows} == {"baseline"}
+def test_detector_names_are_checked_in_one_place():
+    assert check_detectors("all") == list(DETECTOR_NAMES) and len(DETECTOR_NAMES) == 19
+    assert check_detectors("maxsoftmax, KNN") == ["MaxSoftmax", "KNN"]
+    with pytest.raises(ValueError, match="detectors.*Energy'") as error:
+        check_detectors(["Energy"])
+    assert "EnergyBased" in str(error.value)
 
 
-def test_errors_name_the_argument(setup):
-    bench, iso, base = setup["bench"], setup["iso"], setup["base"]
-    with pytest.raises(ValueError, match="detectors") as error:
-        compare(iso, base, bench, fit_loader=None, detectors=["GradNorm"])
-    assert "Mahalanobis" in str(error.value)
+def test_bad_arguments_name_the_argument(setup):
+    bench, iso = setup["bench"], setup["iso"]
+    with pytest.raises(ValueError, match="models"):
+        compare({}, bench, fit_data=bench.train_set())
+    with pytest.raises(TypeError, match="models"):
+        compare({"x": "resnet"}, bench, fit_data=bench.train_set())
     with pytest.raises(ValueError, match="scores"):
-        compare(iso, None, bench, fit_loader=None, scores=["energy"])
-    with pytest.raises(TypeError, match="scores"):
-        compare(iso, None, bench, fit_loader=None, scores="mds")
-    with pytest.raises(ValueError, match="isotropic head"):
-        compare(base, None, bench, fit_loader=None)
-    with pytest.raises(TypeError, match="benchmark"):
-        compare(iso, base, [bench], fit_loader=None)
-    with pytest.raises(ValueError, match="both be None"):
-        compare(None, None, bench, fit_loader=None)
-    with pytest.raises(ValueError, match="fit_loader"):
-        compare(None, base, bench, fit_loader=None, detectors=["Mahalanobis"])
-    only_class_0 = Subset(bench.train_set(), [i for i, (_, y) in enumerate(bench.train_set()) if y == 0][:20])
-    with pytest.raises(ValueError, match="fit_loader must hold every class"):
-        compare(None, base, bench, fit_loader=DataLoader(only_class_0, batch_size=20), detectors=["ViM"])
+        compare({"dismax": iso}, bench, fit_data=bench.train_set(), scores=["energy"])
     with pytest.raises(ValueError, match="batch_size"):
-        compare(iso, None, bench, fit_loader=None, batch_size=0)
+        compare({"dismax": iso}, bench, fit_data=bench.train_set(), batch_size=0)
+    grouped = DigitsBenchmark(ood_size=5)
+    grouped.ood_groups = {"digits_6_9": "near"}
+    with pytest.raises(ValueError, match="neither the near nor the far"):
+        compare({"dismax": iso}, grouped, fit_data=grouped.train_set(), detectors=["MaxSoftmax"])

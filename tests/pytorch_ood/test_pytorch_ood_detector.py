@@ -31,13 +31,14 @@ from dismax_plugin.adapters.pytorch_ood import (
     ISOMAX_PAPER,
     ISOMAX_PLUS_PAPER,
     PAPER_AUTHORS,
+    DigitsBenchmark,
     DisMaxDetector,
     DisMaxLoss,
     IsoMaxLoss,
     IsoMaxPlusLoss,
 )
-from dismax_plugin.adapters.pytorch_ood import benchmarks as adapter_benchmarks
-from dismax_plugin.adapters.pytorch_ood.benchmarks import DigitsBenchmark
+
+DEFAULT = dp.DisMaxHead.default_score
 
 LOSSES = (IsoMaxLoss, IsoMaxPlusLoss, DisMaxLoss)
 
@@ -81,9 +82,23 @@ def test_predict_runs_model_without_grad(model):
     scores = detector.predict(x)
     assert scores.shape == (5,) and not scores.requires_grad and torch.isfinite(scores).all()
     with torch.no_grad():
-        expected = -core_scores.mmles(model(x))
+        expected = -core_scores.score(model(x), DEFAULT)
     torch.testing.assert_close(scores, expected)
     torch.testing.assert_close(detector(x), expected)  # __call__ forwards to predict
+
+
+@pytest.mark.parametrize("name", dp.SCORE_NAMES)
+def test_scores_do_not_depend_on_the_calibration_temperature(name):
+    model = _model("dismax")
+    x = torch.rand(6, 3, 32, 32)
+    at_one = DisMaxDetector(model, score=name).predict(x)
+    dp.heads_of(model)[0][1].set_temperature(0.03)  # what ECE calibration gives at ~100% accuracy
+    calibrated = DisMaxDetector(model, score=name)
+    torch.testing.assert_close(calibrated.predict(x), at_one)
+    with torch.no_grad():  # the detector undoes the temperature; the raw score of the scaled logits differs
+        torch.testing.assert_close(calibrated.predict_logits(model(x)), at_one)
+    assert float(calibrated.current_temperature()) == pytest.approx(0.03)
+    assert DisMaxDetector(None, score=name, temperature=0.5).current_temperature() == 0.5
 
 
 @pytest.mark.parametrize("kind", sorted(dp.HEADS))
@@ -93,9 +108,11 @@ def test_score_none_uses_head_default(kind):
 
 
 def test_score_none_without_head_or_with_conflicting_heads():
-    assert DisMaxDetector(None, score=None).score_name == "mmles"
-    assert DisMaxDetector(nn.Linear(4, 3), score=None).score_name == "mmles"
-    mixed = nn.ModuleDict({"a": dp.IsoMaxHead(4, 3), "b": dp.DisMaxHead(4, 3)})
+    assert DisMaxDetector(None, score=None).score_name == DEFAULT
+    assert DisMaxDetector(nn.Linear(4, 3), score=None).score_name == DEFAULT
+    other = next(name for name in dp.SCORE_NAMES if name != DEFAULT)
+    other_head = type("OtherHead", (dp.IsoMaxHead,), {"default_score": other})  # a head class with another default
+    mixed = nn.ModuleDict({"a": other_head(4, 3), "b": dp.DisMaxHead(4, 3)})
     with pytest.raises(ValueError, match="score"):
         DisMaxDetector(mixed, score=None)
 
@@ -113,7 +130,7 @@ def test_bad_arguments_name_the_argument():
 
 def test_hyperparameters_round_trip():
     detector = DisMaxDetector(None)
-    assert detector.get_hyperparameters() == {"score": "mmles"}
+    assert detector.get_hyperparameters() == {"score": DEFAULT}
     assert detector.set_hyperparameters(score="MDS") is detector
     assert detector.get_hyperparameters() == {"score": "mds"} and detector.score_name == "mds"
     with pytest.raises(ValueError, match="Known hyperparameters"):
@@ -128,8 +145,6 @@ def test_to_device_moves_model_and_inputs():
     assert detector.to("meta") is detector
     assert detector.device == torch.device("meta")
     assert all(p.device.type == "meta" for p in detector.model.parameters())
-    # predict_logits moves CPU inputs to the detector's device
-    assert detector.predict_logits(torch.randn(3, 6)).device.type == "meta"
     cpu = DisMaxDetector(_model()).to(torch.device("cpu"))
     assert cpu.device == torch.device("cpu")
 
@@ -184,7 +199,7 @@ def test_benchmark_evaluate_list_shares_logits(model, plain):
     assert len(fresh._representation_cache) == n_sets  # one model: one logits entry per dataset
     assert {r["Detector"] for r in results} == {"DisMaxDetector", "MaxSoftmax"}
     # the MMLES rows of the list match the single-detector evaluation
-    mmles_rows = results[dp.SCORE_NAMES.index("mmles") :: len(detectors)]
+    mmles_rows = results[dp.SCORE_NAMES.index(DEFAULT) :: len(detectors)]
     assert [r["Dataset"] for r in mmles_rows] == fresh.ood_names
     assert [r["AUROC"] for r in mmles_rows] == pytest.approx([r["AUROC"] for r in plain])
     # MPS equals MaxSoftmax on the same logits (both -max softmax; float64 vs float32 ties)
@@ -212,11 +227,11 @@ def test_grid_search_picks_a_score(model, bench):
 
 # -------------------------------------------------------------------- metadata
 def _exported_classes():
-    for module in (adapter, adapter_benchmarks):
-        for name in module.__all__:
-            obj = getattr(module, name)
-            if isinstance(obj, type) and hasattr(obj, "info"):
-                yield obj
+    for name in adapter.__all__:
+        obj = getattr(adapter, name)
+        # FolderBenchmark wraps the user's own images: no publication to record
+        if isinstance(obj, type) and hasattr(obj, "info") and name != "FolderBenchmark":
+            yield obj
 
 
 def test_every_exported_component_defines_its_own_info():
@@ -303,3 +318,23 @@ def test_loss_wrappers_match_the_core():
     torch.testing.assert_close(
         DisMaxLoss(alpha=0.5, reduction="none")(logits, soft), dp.dismax_loss(logits, soft, alpha=0.5, reduction="none")
     )
+
+
+def test_dismax_loss_passes_the_stitched_mask_through_and_filters_it_with_the_ood_rows():
+    torch.manual_seed(0)
+    images = torch.rand(8, 3, 8, 8)
+    labels = torch.randint(0, 4, (8,))
+    _, targets, stitched = dp.fpr_mix(images, labels, 4, generator=torch.Generator().manual_seed(0))
+    logits = torch.randn(8, 4)
+    core = core_losses.DisMaxLoss(alpha=0.3)
+    torch.testing.assert_close(
+        DisMaxLoss(alpha=0.3)(logits, targets, stitched=stitched), core(logits, targets, stitched=stitched)
+    )
+    # class-index targets with OOD rows (< 0): rows and mask are dropped together
+    hard = torch.tensor([0, -1, 2, 3, -1, 1, 0, 2])
+    mask = torch.tensor([False, True, True, False, False, False, True, False])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = DisMaxLoss(alpha=0.3)(logits, hard, stitched=mask)
+    keep = hard >= 0
+    torch.testing.assert_close(loss, core(logits[keep], hard[keep], stitched=mask[keep]))

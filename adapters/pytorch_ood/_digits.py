@@ -1,12 +1,4 @@
-r"""Benchmarks for pytorch-ood: an offline :class:`DigitsBenchmark` and the standard benchmarks by name.
-
-:func:`create_benchmark` builds ``"digits"`` or one of pytorch-ood's image benchmarks
-(``CIFAR10_ODIN``, ``CIFAR10_OpenOOD``, ``CIFAR100_ODIN``, ``CIFAR100_OpenOOD``, ``ImageNet_OpenOOD``).
-The standard benchmarks are only built from data already on disk: the files pytorch-ood would download
-are checked first and a :class:`FileNotFoundError` names what is missing, so nothing is ever downloaded
-(and no partial download is left behind).
-
-**DigitsBenchmark** needs no network: scikit-learn ships every image it uses.
+r"""The offline :class:`DigitsBenchmark` on scikit-learn's bundled digits (no network: scikit-learn ships every image).
 
 * In-distribution: the digits 0–5 of :func:`sklearn.datasets.load_digits` (1083 images of
   :math:`8 \times 8` pixels), split per class with a fixed seed into train 650, validation 108 and
@@ -16,11 +8,11 @@ are checked first and a :class:`FileNotFoundError` names what is missing, so not
   ==================  =====  ==========================================================
   name                size   content
   ==================  =====  ==========================================================
-  ``digits_6_9``      714    the digits 6–9 of the same dataset (near-OOD)
+  ``digits_6_9``      714    the digits 6–9 of the same dataset (group ``near``)
   ``image_patches``   500    grey crops of ``china.jpg``/``flower.jpg`` from
-                             :func:`sklearn.datasets.load_sample_images` (far-OOD)
-  ``gaussian_noise``  500    pytorch-ood :class:`~pytorch_ood.dataset.img.GaussianNoise`
-  ``uniform_noise``   500    pytorch-ood :class:`~pytorch_ood.dataset.img.UniformNoise`
+                             :func:`sklearn.datasets.load_sample_images` (``far``)
+  ``gaussian_noise``  500    pytorch-ood :class:`~pytorch_ood.dataset.img.GaussianNoise` (``far``)
+  ``uniform_noise``   500    pytorch-ood :class:`~pytorch_ood.dataset.img.UniformNoise` (``far``)
   ==================  =====  ==========================================================
 
   (the last three have ``ood_size`` images). Every OOD image is rendered in the digits' own format
@@ -48,7 +40,9 @@ from pytorch_ood.api import BenchmarkInfo, Paper, Task
 from pytorch_ood.benchmark import Benchmark
 from torch.utils.data import ConcatDataset, Dataset
 
-__all__ = ["BENCHMARK_NAMES", "DigitsBenchmark", "create_benchmark"]
+from ._checks import check_channels, check_positive, check_transform
+
+__all__ = ["DigitsBenchmark"]
 
 log = logging.getLogger(__name__)
 
@@ -57,19 +51,6 @@ _SPLIT_SEED = 0
 _VAL_FRACTION = 0.1
 _TEST_FRACTION = 0.3
 _PATCH_SEED, _GAUSSIAN_SEED, _UNIFORM_SEED = 1, 2, 3
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer >= {minimum}; got {value!r}.")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}.")
-    return value
-
-
-def _check_transform(transform) -> None:
-    if transform is not None and not callable(transform):
-        raise TypeError(f"transform must be a callable taking a PIL image, or None; got {type(transform).__name__}.")
 
 
 def _to_digit_levels(gray: np.ndarray) -> np.ndarray:
@@ -151,6 +132,12 @@ def _noise(kind: str, count: int) -> np.ndarray:
     return _to_digit_levels(images)
 
 
+def _ood_images(images: np.ndarray, targets: np.ndarray, ood_size: int) -> list[np.ndarray]:
+    """The 8x8 images of the OOD sets, in the order of ``ood_names``."""
+    near = targets >= DigitsBenchmark.num_classes
+    return [images[near], _image_patches(ood_size), _noise("gaussian", ood_size), _noise("uniform", ood_size)]
+
+
 class DigitsBenchmark(Benchmark):
     """Offline OOD benchmark on scikit-learn's bundled digits (see the module documentation for the sets).
 
@@ -201,11 +188,10 @@ class DigitsBenchmark(Benchmark):
         """
         from sklearn.datasets import load_digits
 
-        _check_transform(transform)
-        _check_int("image_size", image_size, 8)
-        if channels not in (1, 3) or isinstance(channels, bool):
-            raise ValueError(f"channels must be 1 or 3; got {channels!r}.")
-        _check_int("ood_size", ood_size, 1)
+        check_transform(transform)
+        check_positive("image_size", image_size, integer=True, minimum=8)
+        check_channels(channels)
+        check_positive("ood_size", ood_size, integer=True, minimum=1)
         self.root = root
         self.transform = transform
         self.image_size = image_size
@@ -225,15 +211,11 @@ class DigitsBenchmark(Benchmark):
         self.val_in = make(images[self.indices["val"]], targets[self.indices["val"]])
         self.test_in = make(images[self.indices["test"]], targets[self.indices["test"]])
 
-        near = targets >= self.num_classes
-        self.test_oods: list[Dataset] = [
-            make(images[near], [-1] * int(near.sum())),
-            make(_image_patches(ood_size), [-1] * ood_size),
-            make(_noise("gaussian", ood_size), [-1] * ood_size),
-            make(_noise("uniform", ood_size), [-1] * ood_size),
-        ]
+        self.test_oods: list[Dataset] = [make(a, [-1] * len(a)) for a in _ood_images(images, targets, ood_size)]
         #: OOD dataset names, in the order of :meth:`test_sets`
         self.ood_names: list[str] = ["digits_6_9", "image_patches", "gaussian_noise", "uniform_noise"]
+        #: group of each OOD set: the unseen digits are near-OOD, the rest far-OOD
+        self.ood_groups: dict[str, str] = {name: "far" for name in self.ood_names} | {"digits_6_9": "near"}
         log.debug(
             "DigitsBenchmark: train %d, val %d, test %d, OOD %s",
             len(self.train_in),
@@ -267,161 +249,3 @@ class DigitsBenchmark(Benchmark):
         if unknown:
             return list(self.test_oods)
         raise ValueError("At least one of `known` or `unknown` must be True")
-
-
-# -------------------------------------------------------------------- standard benchmarks
-def _default_transform(image_size: int, channels: int):
-    from pytorch_ood.utils import ToRGB
-    from torchvision import transforms
-
-    colour = ToRGB() if channels == 3 else transforms.Grayscale(num_output_channels=1)
-    return transforms.Compose([colour, transforms.Resize((image_size, image_size)), transforms.ToTensor()])
-
-
-def _missing_error(name: str, root: str, missing: list[str], expected: str) -> FileNotFoundError:
-    shown = "\n  ".join(missing[:10]) + ("\n  ..." if len(missing) > 10 else "")
-    return FileNotFoundError(
-        f"Benchmark '{name}' needs data that is not on disk under root={root!r}; nothing is downloaded. "
-        f"Missing or incomplete:\n  {shown}\nExpected: {expected}"
-    )
-
-
-def _odin_missing(root: str, cifar) -> list[str]:
-    from pytorch_ood.dataset.img import LSUNCrop, LSUNResize, TinyImageNetCrop, TinyImageNetResize
-    from torchvision.datasets.utils import check_integrity
-
-    missing = []
-    folder = os.path.join(root, cifar.base_folder)
-    for filename, md5 in [*cifar.train_list, *cifar.test_list, (cifar.meta["filename"], cifar.meta["md5"])]:
-        path = os.path.join(folder, filename)
-        if not check_integrity(path, md5):
-            missing.append(path)
-    for dataset in (TinyImageNetCrop, TinyImageNetResize, LSUNResize, LSUNCrop):
-        archive = os.path.join(root, dataset.filename)
-        if not check_integrity(archive, dataset.tgz_md5):
-            missing.append(archive)
-        extracted = os.path.join(root, dataset.base_folder)
-        if not (os.path.isdir(extracted) and os.listdir(extracted)):
-            missing.append(extracted + os.sep)
-    return missing
-
-
-def _openood_missing(root: str, cls, image_net_root: str | None = None) -> list[str]:
-    imglists = os.path.join(torch.hub.get_dir(), "openood_benchmark_imglist", "benchmark_imglist", cls._subdir)
-    files = [cls._train_imglist, cls._val_id_imglist, cls._test_id_imglist, cls._val_ood_imglist]
-    files += [fname for _, fname in cls._ood_imglists]
-    missing = [os.path.join(imglists, f) for f in files if not os.path.isfile(os.path.join(imglists, f))]
-    for folder in cls._download_names:
-        path = os.path.join(root, folder)
-        if not (os.path.isdir(path) and os.listdir(path)):
-            missing.append(path + os.sep)
-    if cls.__name__.startswith("ImageNet"):
-        train = os.path.join(image_net_root, "train") if image_net_root else os.path.join(root, "imagenet_1k", "train")
-        for path in (train, os.path.join(root, "imagenet_1k", "val")):
-            if not os.path.isdir(path):
-                missing.append(path + os.sep)
-    return missing
-
-
-def _build_odin(name: str, root: str, transform, **kwargs) -> Benchmark:
-    from pytorch_ood import benchmark as bm
-    from torchvision.datasets import CIFAR10, CIFAR100
-
-    if kwargs:
-        raise TypeError(f"Benchmark '{name}' takes no extra options; got {sorted(kwargs)}.")
-    cls, cifar = (bm.CIFAR10_ODIN, CIFAR10) if "10_" in name else (bm.CIFAR100_ODIN, CIFAR100)
-    missing = _odin_missing(root, cifar)
-    if missing:
-        raise _missing_error(
-            cls.__name__,
-            root,
-            missing,
-            f"torchvision's {cifar.__name__} files in <root>/{cifar.base_folder}/ and the ODIN OOD archives "
-            "(Imagenet.tar.gz, Imagenet_resize.tar.gz, LSUN.tar.gz, LSUN_resize.tar.gz) in <root>, each "
-            "also extracted there; download them on a machine with internet "
-            f"(e.g. pytorch_ood.benchmark.{cls.__name__}(root, transform)) and copy <root> here.",
-        )
-    return cls(root, transform)
-
-
-def _build_openood(name: str, root: str, transform, **kwargs) -> Benchmark:
-    from pytorch_ood import benchmark as bm
-
-    classes = {
-        "cifar10_openood": bm.CIFAR10_OpenOOD,
-        "cifar100_openood": bm.CIFAR100_OpenOOD,
-        "imagenet_openood": bm.ImageNet_OpenOOD,
-    }
-    cls = classes[name]
-    allowed = {"image_net_root"} if name == "imagenet_openood" else set()
-    if set(kwargs) - allowed:
-        raise TypeError(f"Benchmark '{cls.__name__}' accepts only {sorted(allowed)}; got {sorted(kwargs)}.")
-    missing = _openood_missing(root, cls, kwargs.get("image_net_root"))
-    if missing:
-        expected = (
-            "OpenOOD's benchmark_imglist/ under <torch.hub dir>/openood_benchmark_imglist/ and the OpenOOD "
-            f"image folders {list(cls._download_names)} under <root>"
-        )
-        if name == "imagenet_openood":
-            expected += ", plus ImageNet-1K (<root>/imagenet_1k/val and the train folder from image_net_root)"
-        raise _missing_error(cls.__name__, root, missing, expected + ".")
-    return cls(root, transform, download=False, **kwargs)
-
-
-_STANDARD = {
-    "cifar10_odin": ("CIFAR10_ODIN", _build_odin, 10),
-    "cifar10_openood": ("CIFAR10_OpenOOD", _build_openood, 10),
-    "cifar100_odin": ("CIFAR100_ODIN", _build_odin, 100),
-    "cifar100_openood": ("CIFAR100_OpenOOD", _build_openood, 100),
-    "imagenet_openood": ("ImageNet_OpenOOD", _build_openood, 1000),
-}
-
-#: names accepted by :func:`create_benchmark` (case-insensitive)
-BENCHMARK_NAMES: tuple[str, ...] = ("digits", *(display for display, _, _ in _STANDARD.values()))
-
-
-def create_benchmark(
-    name: str,
-    root: str | os.PathLike | None = None,
-    transform: Callable | None = None,
-    image_size: int = 32,
-    channels: int = 3,
-    **options,
-) -> Benchmark:
-    """Build a benchmark by name.
-
-    :param name: ``"digits"`` or a standard pytorch-ood benchmark: ``"CIFAR10_ODIN"``, ``"CIFAR10_OpenOOD"``,
-        ``"CIFAR100_ODIN"``, ``"CIFAR100_OpenOOD"``, ``"ImageNet_OpenOOD"`` (case-insensitive)
-    :param root: data directory; required for the standard benchmarks, unused for ``"digits"``
-    :param transform: callable applied to each PIL image. ``None``: for ``"digits"`` see
-        :class:`DigitsBenchmark`; for the standard benchmarks, convert to ``channels`` channels, resize to
-        ``image_size`` and convert to a float tensor in :math:`[0, 1]` (no normalisation)
-    :param image_size: side of the square images produced without a ``transform``
-    :param channels: 1 or 3, for images produced without a ``transform``
-    :param options: passed on: ``ood_size`` for ``"digits"``, ``image_net_root`` for ``"ImageNet_OpenOOD"``
-    :return: the benchmark
-    :raises ValueError: for an unknown name (the message lists :data:`BENCHMARK_NAMES`) or a missing ``root``
-    :raises FileNotFoundError: when the data of a standard benchmark is not on disk (checked before anything is
-        constructed, so nothing is downloaded); the message names the missing paths and the expected layout
-    """
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a string, one of {list(BENCHMARK_NAMES)}; got {type(name).__name__}.")
-    key = name.strip().lower()
-    if key == "digits":
-        return DigitsBenchmark(root, transform, image_size, channels, **options)
-    if key not in _STANDARD:
-        raise ValueError(f"Unknown benchmark '{name}', expected one of {list(BENCHMARK_NAMES)}.")
-    display, build, num_classes = _STANDARD[key]
-    if root is None:
-        raise ValueError(f"root is required for benchmark '{display}': the directory that holds its data.")
-    _check_transform(transform)
-    _check_int("image_size", image_size, 1)
-    if channels not in (1, 3) or isinstance(channels, bool):
-        raise ValueError(f"channels must be 1 or 3; got {channels!r}.")
-    root = os.fspath(root)
-    if transform is None:
-        transform = _default_transform(image_size, channels)
-    log.info("Building benchmark %s from %s", display, root)
-    benchmark = build(key, root, transform, **options)
-    benchmark.num_classes = num_classes  # pytorch-ood's benchmarks do not say; the engine needs it
-    return benchmark

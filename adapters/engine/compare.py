@@ -1,0 +1,208 @@
+"""The ``dismax compare`` flow: train the isotropic models and the linear twins per seed, compare, report, track.
+
+``run_compare(args, tracker)`` is called by the command with the parsed options and the started parent run.
+For each seed and each model (``--heads``: isotropic heads; ``--twins``: ``ce`` = linear head + cross-entropy,
+``logitnorm`` = linear head + pytorch-ood's ``LogitNorm`` loss) one :class:`TrainConfig` is trained with
+:func:`train` (same backbone, data order, epochs, optimizer and seed) under a child run
+``<model>-seed<seed>``. The models of a seed are then evaluated together with the pytorch-ood adapter's
+:func:`compare`. Outputs under ``--output``: ``results.csv`` (tidy rows), ``results.json``, ``report.md``,
+``near_far_auroc.png`` and ``histogram_<model>_<method>.png``; all are logged to the parent run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import textwrap
+import time
+
+import dismax_plugin as dp
+
+from ..pytorch_ood import (
+    ROW_KEYS,
+    check_detectors,
+    compare,
+    format_summary,
+    report_markdown,
+    summarize,
+)
+from .config import COMPARE_HEADS, TWINS, parse_list
+from .tracking import Tracker
+from .training import ConfigError, TrainConfig, train
+
+__all__ = ["run_compare"]
+
+log = logging.getLogger("dismax_plugin.adapters.engine.compare")
+
+#: the twins: a linear head trained with each loss
+_TWIN_LOSSES = {"ce": "cross_entropy", "logitnorm": "logitnorm"}
+
+
+def _models(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """``(name, TrainConfig overrides)`` of every model of the comparison, isotropic first."""
+    heads = parse_list("heads", getattr(args, "heads", "dismax"), COMPARE_HEADS)
+    twins = parse_list("twins", getattr(args, "twins", ",".join(TWINS)), TWINS)
+    if "loss" not in {f.name for f in dataclasses.fields(TrainConfig)} and "logitnorm" in twins:
+        raise ConfigError("--twins logitnorm needs the engine's TrainConfig(loss=...).")
+    models = [(head, {"head": head, "loss": "auto"}) for head in dict.fromkeys(heads)]
+    models += [(twin, {"head": "linear", "loss": _TWIN_LOSSES[twin]}) for twin in dict.fromkeys(twins)]
+    return models
+
+
+def _options(args: argparse.Namespace) -> tuple[list[int], list[str]]:
+    seeds = parse_list("seeds", getattr(args, "seeds", "0"), item=int)
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds must not repeat a seed; got {args.seeds!r}.")
+    try:
+        detectors = check_detectors(getattr(args, "detectors", None) or None)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"--detectors: {error}") from error
+    return seeds, detectors
+
+
+def _config(args: argparse.Namespace, name: str, overrides: dict, seed: int) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    output = os.path.join(args.output, f"seed{seed}", name)
+    return TrainConfig(**(values | overrides | {"seed": seed, "output": output}))
+
+
+def _train_seed(args, models, seed: int, tracker: Tracker) -> tuple[dict, object]:
+    trained, data = {}, None
+    for name, overrides in models:
+        cfg = _config(args, name, overrides, seed)
+        with tracker.child(f"{name}-seed{seed}") as child:
+            start = time.perf_counter()
+            result = train(cfg, child)
+            child.log_metrics({"train_s": time.perf_counter() - start})
+        trained[name], data = result.model, data or result.data
+    return trained, data
+
+
+def _evaluate_seed(trained: dict, data, seed: int, args, detectors: list[str], keep: dict, skipped: list):
+    device = next(iter(trained.values())).parameters().__next__().device
+    try:
+        return compare(
+            trained, data.benchmark, fit_data=data.fit, val_data=data.val, detectors=detectors, seed=seed,
+            batch_size=getattr(args, "eval_batch_size", 256), device=device, num_workers=getattr(args, "workers", 0),
+            calibration=getattr(args, "calibration", "ece"), norm_std=data.preprocessing.get("std"),
+            keep_scores=keep, skipped=skipped,
+        )  # fmt: skip
+    except ValueError as error:  # e.g. a benchmark without near/far lists
+        raise ConfigError(f"--data '{args.data}': {error}") from error
+
+
+def _seed_metrics(rows: list[dict]) -> dict[str, float]:
+    """``<model>.<method>.<group>.<metric>`` (group means of one seed) for the parent run, step = seed."""
+    metrics = {}
+    for item in summarize(rows):
+        for group in ("near", "far"):
+            for metric in ("AUROC", "FPR95-ID"):
+                value = item[f"{group} {metric}"]
+                if not math.isnan(value):
+                    metrics[f"{item['model']}.{item['method']}.{group}.{metric}"] = value
+    return metrics
+
+
+def _notes(data, rows: list[dict], skipped: list[dict], seeds: list[int]) -> list[str]:
+    groups = data.benchmark.ood_groups
+    near = [n for n, g in groups.items() if g == "near"] or ["none"]
+    far = [n for n, g in groups.items() if g == "far"] or ["none"]
+    tuned = sorted({r["tuning"] for r in rows if r["tuning"] != "defaults"})
+    notes = [f"near-OOD sets: {', '.join(near)}; far-OOD sets: {', '.join(far)}", f"seeds: {seeds}"]
+    if hasattr(data.benchmark, "ood_flat") and data.benchmark.ood_flat:
+        notes.append(f"OOD folders outside ood/near/ and ood/far/ count as far: {data.benchmark.ood_flat}")
+    notes.append(
+        "detector hyperparameters: tuned with pytorch-ood's GridSearch on the benchmark's validation split"
+        if tuned else "detector hyperparameters: pytorch-ood's defaults (the benchmark has no OOD validation split)"
+    )  # fmt: skip
+    for method, reason in dict.fromkeys((s["method"], s["reason"]) for s in skipped):
+        matching = [s for s in skipped if (s["method"], s["reason"]) == (method, reason)]
+        where = []
+        for model in dict.fromkeys(s["model"] for s in matching):
+            missed = sorted({s["seed"] for s in matching if s["model"] == model})
+            where.append(model if len(missed) == len(seeds) else f"{model} (seeds {missed})")
+        notes.append(f"{method} not run on {', '.join(where)}: {reason}")
+    notes.append("ECE: after temperature scaling fitted the same way for every model on the validation split")
+    return notes
+
+
+def _write(output: str, rows: list[dict], summary: list[dict], report: str) -> list[str]:
+    paths = [os.path.join(output, n) for n in ("results.csv", "results.json", "report.md")]
+    with open(paths[0], "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(ROW_KEYS), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    def clean(items):  # strict JSON: NaN (e.g. a group without sets) becomes null
+        return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in i.items()} for i in items]
+
+    with open(paths[1], "w") as handle:
+        json.dump({"rows": clean(rows), "summary": clean(summary)}, handle, indent=1, allow_nan=False)
+    with open(paths[2], "w") as handle:
+        handle.write(report)
+    return paths
+
+
+def _figures(output: str, summary: list[dict], keep: dict, tracker: Tracker, title: str) -> list[str]:
+    from .figures import close, near_far_auroc, score_histogram
+
+    made = {"near_far_auroc.png": near_far_auroc(summary, title=title)}
+    for (model, method), per_set in keep.items():
+        # histograms of each model's main method: the head's default native score, MaxSoftmax for twins
+        main = "MaxSoftmax" if model in _TWIN_LOSSES else dp.HEADS[model].default_score.upper()
+        if method == main:
+            ood = {name: (-s).numpy() for name, s in per_set.items() if name != "ID"}
+            figure = score_histogram((-per_set["ID"]).numpy(), ood, title=f"{model} + {method}: ID vs OOD")
+            made[f"histogram_{model}_{method}.png"] = figure
+    paths = []
+    for name, figure in made.items():
+        path = os.path.join(output, name)
+        figure.savefig(path, dpi=110)
+        tracker.log_figure(figure, f"comparison/{name}")
+        close(figure)
+        paths.append(path)
+    return paths
+
+
+def run_compare(args: argparse.Namespace, tracker: Tracker) -> int:
+    """Run ``dismax compare`` (see the module documentation); returns the exit code.
+
+    :param args: the parsed options: every training option, ``heads``, ``twins``, ``seeds``, ``detectors``,
+        ``output``
+    :param tracker: the started parent run (or a no-op :class:`Tracker`)
+    :raises ConfigError: for an unknown head/twin/detector, seeds that are not a list of integers, or data
+        the comparison cannot use (no near/far lists, an empty OOD folder)
+    """
+    models = _models(args)
+    seeds, detectors = _options(args)
+    os.makedirs(args.output, exist_ok=True)
+    rows, keep, skipped, data = [], {}, [], None
+    start = time.perf_counter()
+    for seed in seeds:
+        trained, data = _train_seed(args, models, seed, tracker)
+        scores: dict = {}
+        seed_rows = _evaluate_seed(trained, data, seed, args, detectors, scores, skipped)
+        tracker.log_metrics(_seed_metrics(seed_rows), step=seed)
+        rows += seed_rows
+        if not keep:
+            keep = scores
+    summary = summarize(rows)
+    names = ", ".join(name for name, _ in models)
+    title = f"Comparison on {args.data} ({args.model}, {getattr(args, 'epochs', '?')} epochs): {names}"
+    notes = _notes(data, rows, skipped, seeds)
+    paths = _write(args.output, rows, summary, report_markdown(summary, rows, title=title, notes=notes))
+    paths += _figures(args.output, summary, keep, tracker, title)
+    tracker.log_table(rows, "comparison/results.json")  # the rows of results.json, as an MLflow table
+    for path in paths:
+        if os.path.basename(path) != "results.json":  # would overwrite the table above
+            tracker.log_artifact(path, "comparison")
+    wrapped = [line for note in notes for line in textwrap.wrap(note, 100, subsequent_indent="  ")]
+    log.info("\n%s\n%s\n%s", "\n".join(textwrap.wrap(title, 100)), format_summary(summary), "\n".join(wrapped))
+    log.info("wrote %s (%.0f s); speed = images_per_s relative to ce + MaxSoftmax", args.output,
+             time.perf_counter() - start)  # fmt: skip
+    return 0
