@@ -137,6 +137,12 @@ def mlflow_server_factory(tmp_path):
             server.stop()
 
 
+@pytest.fixture(name="free_port")
+def free_port_fixture():
+    """:func:`free_port` itself, for tests in sub-folders (their own ``conftest`` shadows this module's name)."""
+    return free_port
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module's tests (the test machines are small and shared), restored after."""

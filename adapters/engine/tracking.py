@@ -1,17 +1,22 @@
-"""The tracking interface the training engine talks to; :class:`NullTracker` records nothing.
+"""The tracking interface the training engine talks to, and how a command gets and runs its tracker.
 
-The engine calls these methods on rank 0 only. :mod:`dismax_plugin.adapters.mlflow` provides the MLflow
-implementation. Implementations must never raise into the training loop because a backend is down:
-they warn once and keep what could not be sent.
+:class:`Tracker` (alias :data:`NullTracker`) records nothing; :class:`dismax_plugin.adapters.mlflow.MlflowTracker`
+has the same methods (duck typing: the MLflow package does not import the engine). Implementations must
+never raise into the training loop because a backend is down: they warn once and keep what could not be
+sent. The engine calls them on rank 0 only: :func:`make_tracker` gives every other rank a no-op tracker.
+:func:`tracked` starts the run (an unusable tracking URI is a usage error, exit code 2) and ends it with
+the command's outcome.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-__all__ = ["NullTracker", "Tracker"]
+__all__ = ["NullTracker", "Tracker", "make_tracker", "tracked"]
 
 
 class Tracker:
@@ -23,8 +28,17 @@ class Tracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Run configuration: architecture, head, loss, optimizer, lr, epochs, seed, data, versions, ..."""
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """Scalar metrics; per-epoch metrics pass ``step=epoch``."""
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, *, dataset: str | None = None) -> None:
+        """Scalar metrics; per-epoch metrics pass ``step=epoch``.
+
+        Metrics of one dataset logged with :meth:`log_input` pass its name as ``dataset``, or are named
+        ``"<dataset>.<...>"``; a tracker may link them to that dataset and to the logged model.
+        """
+
+    def log_input(self, name: str, dataset: Any, context: str) -> None:
+        """A dataset the run used: ``name``, a map-style torch ``Dataset`` and its ``context``: ``"train"``,
+        ``"test"`` (in-distribution test set), ``"ood-near"`` or ``"ood-far"`` (an OOD set and its group;
+        ``dismax_plugin.adapters.mlflow.DATASET_CONTEXTS``)."""
 
     def log_table(self, rows: Sequence[Mapping[str, Any]], artifact_file: str) -> None:
         """A results table (list of dicts, one per dataset x method), e.g. ``ood/results.json``."""
@@ -48,3 +62,49 @@ class Tracker:
 
 
 NullTracker = Tracker
+
+
+def make_tracker(args: argparse.Namespace, fallback_dir: str) -> Tracker:
+    """The tracker of a command: MLflow on rank 0 unless ``--no-track``, a no-op :class:`Tracker` otherwise.
+
+    :param args: the parsed options (``track``, ``tracking_uri``, ``experiment``, ``run_name``,
+        ``register_model``; missing ones count as not given).
+    :param fallback_dir: where the MLflow tracker writes what it could not send (the run's output folder).
+    """
+    if not getattr(args, "track", False) or int(os.environ.get("RANK", "0")) != 0:
+        return Tracker()
+    from ..mlflow import MlflowTracker
+
+    return MlflowTracker(
+        tracking_uri=getattr(args, "tracking_uri", None),
+        experiment=getattr(args, "experiment", None) or "dismax",
+        run_name=getattr(args, "run_name", None),
+        register_model=getattr(args, "register_model", None),
+        fallback_dir=fallback_dir,
+    )
+
+
+@contextlib.contextmanager
+def tracked(tracker: Tracker, run_name: str | None, tags: Mapping[str, str]) -> Iterator[Tracker]:
+    """Start the run and end it with the outcome: ``FINISHED``, ``FAILED`` (an exception) or ``KILLED``
+    (Ctrl-C, SIGTERM: the engine's ``Interrupted``).
+
+    :raises ConfigError: (the engine's usage error, exit code 2) when the run cannot start, e.g. an
+        unreachable tracking URI; the message starts with ``--tracking-uri:``.
+    """
+    from ._signals import Interrupted
+    from .config import ConfigError
+
+    try:
+        tracker.start(run_name=run_name, tags=dict(tags))
+    except (ValueError, ConnectionError, OSError) as error:
+        raise ConfigError(f"--tracking-uri: {error}") from error
+    try:
+        yield tracker
+    except (Interrupted, KeyboardInterrupt):
+        tracker.end("KILLED")
+        raise
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end("FINISHED")
