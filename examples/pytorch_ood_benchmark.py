@@ -11,11 +11,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from torch.utils.data import DataLoader
-
 from dismax_plugin.adapters.engine.training import TrainConfig, train
-from dismax_plugin.adapters.pytorch_ood import DisMaxDetector
-from dismax_plugin.adapters.pytorch_ood.compare import compare, format_table
+from dismax_plugin.adapters.pytorch_ood import DisMaxDetector, compare, format_summary, summarize
 
 
 def main(argv=None) -> list[dict]:
@@ -23,26 +20,26 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--model", default="resnet10t")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--max-train-samples", type=int, default=None)
-    parser.add_argument("--detectors", default=None, help="comma-separated subset of the post-hoc detectors")
+    parser.add_argument("--detectors", default=None, help="comma-separated pytorch-ood detectors, or 'all'")
     args = parser.parse_args(argv)
-    workdir = tempfile.mkdtemp(prefix="dismax-ood-example-")
 
-    # 1. Train a DisMax model and its cross-entropy twin with the same recipe (the engine behind `dismax train`).
+    # 1. Train a DisMax model and its cross-entropy twin with the same recipe (the engine behind `dismax train`);
+    #    their run folders (checkpoints, saved models) are temporary here.
     common = dict(model=args.model, data="digits", epochs=args.epochs, max_train_samples=args.max_train_samples)
-    dismax = train(TrainConfig(head="dismax", output=f"{workdir}/dismax", **common))
-    twin = train(TrainConfig(head="linear", output=f"{workdir}/linear", **common))
+    with tempfile.TemporaryDirectory(prefix="dismax-ood-example-") as workdir:
+        dismax = train(TrainConfig(head="dismax", output=f"{workdir}/dismax", **common))
+        twin = train(TrainConfig(head="linear", output=f"{workdir}/linear", **common))
     benchmark = dismax.data.benchmark  # a pytorch_ood.benchmark.Benchmark (DigitsBenchmark)
 
     # 2. pytorch-ood's own evaluation: the native score is a LogitsDetector (larger = more OOD).
-    detector = DisMaxDetector(dismax.model.eval())  # the head's default score (MMLES for DisMax)
+    detector = DisMaxDetector(dismax.model.eval())  # the head's default score
     for row in benchmark.evaluate(detector, loader_kwargs={"batch_size": 256}):
         print(f"pytorch-ood Benchmark.evaluate  {row['Dataset']:>15}  AUROC {100 * row['AUROC']:.2f}")
 
-    # 3. Every native score at once, and the post-hoc detectors on the CE twin, in one table.
-    fit_loader = DataLoader(dismax.data.fit, batch_size=256)
-    detectors = args.detectors.split(",") if args.detectors else None
-    rows = compare(dismax.model, twin.model, benchmark, fit_loader=fit_loader, detectors=detectors)
-    print(format_table([r for r in rows if r["Dataset"] == "mean"]))
+    # 3. Every native score and the post-hoc detectors on both models, summarised per near/far group.
+    rows = compare({"dismax": dismax.model, "ce": twin.model}, benchmark, fit_data=dismax.data.fit,
+                   val_data=dismax.data.val, detectors=args.detectors)  # fmt: skip
+    print(format_summary(summarize(rows)))
     return rows
 
 

@@ -8,6 +8,7 @@ Runs offline on the embedded digits data (scikit-learn's bundled 8x8 digits, cla
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 
 import torch
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader
 
 import dismax_plugin as dp
 from dismax_plugin.adapters import timm as dtimm
-from dismax_plugin.adapters.pytorch_ood.benchmarks import DigitsBenchmark
+from dismax_plugin.adapters.pytorch_ood import DigitsBenchmark
 
 
 def main(argv=None) -> dict:
@@ -23,7 +24,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", default="resnet10t")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--max-steps", type=int, default=None, help="stop each epoch after N steps (smoke runs)")
-    parser.add_argument("--output", default=None)
+    parser.add_argument("--output", default=None, help="where to save the model (default: a temporary folder)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
 
@@ -46,8 +47,8 @@ def main(argv=None) -> dict:
         for step, (x, y) in enumerate(loader):
             if args.max_steps is not None and step >= args.max_steps:
                 break
-            inputs, targets = dp.fpr_mix(normalise(x), y, num_classes=6, generator=generator)
-            loss = loss_fn(model(inputs), targets)
+            inputs, targets, stitched = dp.fpr_mix(normalise(x), y, num_classes=6, generator=generator)
+            loss = loss_fn(model(inputs), targets, stitched)  # stitched rows: the FPR KL term
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -65,15 +66,16 @@ def main(argv=None) -> dict:
     val_logits, val_labels = logits_of(bench.val_set())
     temperature = dp.calibrate_temperature(val_logits, val_labels, objective="ece")
     head.set_temperature(temperature)
-    val_logits = val_logits / temperature
-    thresholds = dp.compute_thresholds(head.ood_score(val_logits))
+    val_logits = val_logits / temperature  # what the calibrated model returns
+    thresholds = dp.compute_thresholds(head.ood_score(val_logits))  # OOD score at T = 1: not degraded by T
     head.set_thresholds(thresholds)
     print(f"temperature {temperature:.3f}; thresholds ({head.stored_score}) {head.stored_thresholds}")
 
-    # 4. Save and load the model the timm way (safetensors + metadata), without the training code.
-    output = args.output or tempfile.mkdtemp(prefix="dismax-example-")
-    dtimm.save_model(model, output)
-    loaded = dtimm.load_model(output)
+    # 4. Save and load the model the timm way (config.json + model.safetensors), without the training code.
+    with contextlib.ExitStack() as stack:
+        output = args.output or stack.enter_context(tempfile.TemporaryDirectory(prefix="dismax-example-"))
+        dtimm.save_model(model, output)
+        loaded = dtimm.load_model(output)
     loaded_head = dtimm.get_head(loaded)
 
     # 5. Flag OOD inputs: in-distribution test digits vs digits 6-9 never seen in training.
@@ -84,9 +86,10 @@ def main(argv=None) -> dict:
         ood_logits = torch.cat([loaded(normalise(x)) for x, _ in DataLoader(near_ood, batch_size=256)])
     id_flagged = loaded_head.is_ood(id_logits, tpr=0.95).float().mean().item()
     ood_flagged = loaded_head.is_ood(ood_logits, tpr=0.95).float().mean().item()
-    print(f"saved to {output}")
+    print(f"saved to {output}" if args.output else "saved to a temporary folder (removed); pass --output to keep it")
     print(f"flagged OOD at TPR 95%: ID test {id_flagged:.1%}, {bench.ood_names[0]} {ood_flagged:.1%}")
-    return {"output": output, "id_flagged": id_flagged, "ood_flagged": ood_flagged, "temperature": temperature}
+    return {"model": loaded, "id_flagged": id_flagged, "ood_flagged": ood_flagged, "temperature": temperature,
+            "thresholds": thresholds}  # fmt: skip
 
 
 if __name__ == "__main__":

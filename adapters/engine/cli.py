@@ -1,19 +1,29 @@
-"""``dismax`` command line: train, evaluate, calibrate, compare.
+"""``dismax`` command line: train, evaluate, calibrate, compare — generated from :mod:`.config`.
 
-Only argument parsing lives here; timm, pytorch-ood and MLflow are imported when a command runs, so
-``dismax --help`` stays fast. Bad input exits with code 2 and one line on stderr; an interrupted run
-(Ctrl-C/SIGTERM) writes a checkpoint and exits with 128 + the signal number.
+Every option is a field of :class:`~.config.TrainConfig`, :class:`~.config.EvalOptions`,
+:class:`~.config.CompareOptions` or :class:`~.config.TrackingOptions`; this module only turns those fields
+into argparse options (type, default, choices, help) and picks which fields each subcommand takes.
+timm, pytorch-ood and MLflow are imported when a command runs, so ``dismax --help`` stays fast. Bad input
+exits with code 2 and one line on stderr; an interrupted run (Ctrl-C/SIGTERM) writes a checkpoint and
+exits with 128 + the signal number.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+import types
+import typing
 
-__all__ = ["main"]
+from .config import CompareOptions, ConfigError, EvalOptions, TrackingOptions, TrainConfig, flag_of
+
+__all__ = ["build_parser", "main"]
 
 EXIT_USAGE = 2
+#: TrainConfig fields that ``evaluate``/``calibrate`` take (how to load data for a saved model)
+_LOAD_FIELDS = ("data", "data_root", "image_size", "channels", "seed", "device", "workers", "eval_batch_size")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -21,89 +31,59 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _add_train_options(p: argparse.ArgumentParser, compare: bool = False) -> None:
-    p.add_argument("--model", default="resnet10t", help="timm architecture (default: resnet10t)")
-    heads = ["dismax", "isomaxplus", "isomax"] + ([] if compare else ["linear"])
-    p.add_argument("--head", default="dismax", choices=heads, help="isotropic head (linear = stock CE head)")
-    _add_data_options(p)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64, help="per process")
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--optimizer", default="sgd", help="any timm optimizer name (default: sgd, momentum 0.9)")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--scheduler", default="cosine", help="timm scheduler: cosine, step, multistep, poly, none, ...")
-    p.add_argument("--warmup-epochs", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default=None, help="run directory (default: runs/<command>-<model>-<head>-<data>)")
-    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --output")
-    p.add_argument("--overwrite", action="store_true", help="start again even if --output holds a checkpoint")
-    p.add_argument("--pretrained-file", default=None, help="local backbone weights (.pth/.safetensors)")
-    p.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
-    p.add_argument("--no-fpr", dest="fpr", action="store_false", help="DisMax without fractional probability reg.")
-    p.add_argument("--entropic-scale", type=float, default=10.0)
-    p.add_argument("--alpha", type=float, default=1.0, help="weight of the FPR KL term")
-    p.add_argument("--mixup", type=float, default=0.0, help="timm Mixup alpha (needs --no-fpr with dismax)")
-    p.add_argument("--cutmix", type=float, default=0.0, help="timm CutMix alpha (needs --no-fpr with dismax)")
-    p.add_argument("--smoothing", type=float, default=0.0, help="label smoothing")
-    p.add_argument("--augment", action="store_true", help="timm training augmentation (random resized crop)")
-    p.add_argument("--max-train-samples", type=int, default=None, help="train on the first N samples only")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--calibration", default="ece", choices=["ece", "nll"], help="temperature objective")
+def _value_type(cls: type, name: str) -> type:
+    hint = typing.get_type_hints(cls)[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint
 
 
-def _add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="digits", help="digits (embedded), a pytorch-ood benchmark name, or a folder")
-    p.add_argument("--data-root", default=None, help="where a pytorch-ood benchmark's data lies")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--channels", type=int, default=3, choices=[1, 3])
-
-
-def _add_eval_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--detectors", default="", help="comma-separated pytorch-ood post-hoc detectors to add")
-    p.add_argument("--eval-batch-size", type=int, default=256)
-
-
-def _add_tracking_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("tracking (MLflow)")
-    g.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else MLflow's local store")
-    g.add_argument("--experiment", default=None, help="MLflow experiment name (default: dismax)")
-    g.add_argument("--run-name", default=None)
-    g.add_argument("--no-track", dest="track", action="store_false", help="do not track to MLflow")
-    g.add_argument("--register-model", default=None, metavar="NAME", help="register the logged model")
+def _add_fields(parser, cls: type, names: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()) -> None:
+    """One option per field of the dataclass ``cls`` (only ``names`` if given), from the field's metadata."""
+    for f in dataclasses.fields(cls):
+        if (names is not None and f.name not in names) or f.name in exclude:
+            continue
+        meta, kind = f.metadata, _value_type(cls, f.name)
+        help_text = meta.get("help", "")
+        if kind is bool:
+            action = "store_false" if f.default else "store_true"
+            parser.add_argument(flag_of(f), dest=f.name, action=action, default=f.default, help=help_text)
+            continue
+        if f.default not in (None, ""):
+            help_text = f"{help_text} (default: {f.default})"
+        kwargs = {"type": kind, "default": f.default, "help": help_text}
+        for key in ("choices", "metavar", "required"):
+            if meta.get(key) is not None:
+                kwargs[key] = meta[key]
+        if kwargs.get("required"):
+            del kwargs["default"]
+        parser.add_argument(flag_of(f), dest=f.name, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``dismax`` parser with its four subcommands."""
     parser = _Parser(prog="dismax", description="IsoMax/IsoMax+/DisMax heads on timm backbones, evaluated on OOD.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train a timm backbone with an isotropic head, calibrate, evaluate")
-    _add_train_options(p)
-    _add_eval_options(p)
-    _add_tracking_options(p)
+    _add_fields(p, TrainConfig)
+    _add_fields(p, EvalOptions, exclude=("checkpoint",))
+    _add_fields(p.add_argument_group("tracking (MLflow)"), TrackingOptions)
 
-    p = sub.add_parser("compare", help="train the isotropic model and a CE twin, compare with post-hoc detectors")
-    _add_train_options(p, compare=True)
-    _add_eval_options(p)
-    _add_tracking_options(p)
+    p = sub.add_parser("compare", help="isotropic models and linear twins side by side with post-hoc detectors")
+    _add_fields(p, TrainConfig, exclude=("head",))
+    _add_fields(p, CompareOptions)
+    _add_fields(p.add_argument_group("tracking (MLflow)"), TrackingOptions)
 
-    for name, text in (
-        ("evaluate", "native scores (and post-hoc detectors) of a saved model on a benchmark"),
-        ("calibrate", "temperature and thresholds on validation data, written back"),
-    ):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("--checkpoint", required=True, help="a saved model directory or a run directory")
-        _add_data_options(p)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--device", default=None)
-        p.add_argument("--workers", type=int, default=0)
-        if name == "evaluate":
-            _add_eval_options(p)
-            _add_tracking_options(p)
-        else:
-            p.add_argument("--calibration", default="ece", choices=["ece", "nll"])
-            p.add_argument("--eval-batch-size", type=int, default=256)
+    p = sub.add_parser("evaluate", help="native scores (and post-hoc detectors) of a saved model on a benchmark")
+    _add_fields(p, EvalOptions, ("checkpoint",))
+    _add_fields(p, TrainConfig, _LOAD_FIELDS)
+    _add_fields(p, EvalOptions, exclude=("checkpoint",))
+    _add_fields(p.add_argument_group("tracking (MLflow)"), TrackingOptions)
+
+    p = sub.add_parser("calibrate", help="temperature and thresholds on validation data, written back")
+    _add_fields(p, EvalOptions, ("checkpoint",))
+    _add_fields(p, TrainConfig, (*_LOAD_FIELDS, "calibration"))
     return parser
 
 
@@ -117,10 +97,11 @@ def _configure_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``dismax`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     args = build_parser().parse_args(argv)
     _configure_logging()
+    from ._signals import Interrupted
     from .commands import run_command
-    from .training import ConfigError, Interrupted
 
     try:
         return run_command(args)

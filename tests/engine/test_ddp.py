@@ -32,7 +32,7 @@ COMMON = [
 
 
 def _final_weights(output):
-    return torch.load(output / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+    return torch.load(output / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
 
 
 def test_two_process_ddp_matches_single_process(tmp_path):
@@ -68,5 +68,5 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key].double(), b[key].double(), atol=1e-4), key
-    history = torch.load(ddp_out / "checkpoint.pt", map_location="cpu", weights_only=False)["history"]
+    history = torch.load(ddp_out / "checkpoint.pt", map_location="cpu", weights_only=True)["history"]
     assert len(history) == 1  # one epoch, recorded once (rank 0)

@@ -1,7 +1,10 @@
-"""Interrupted training resumes exactly: Ctrl-C (checkpoint at the current step) and SIGKILL (last epoch)."""
+"""Interrupted training resumes exactly: Ctrl-C/SIGTERM (checkpoint mid-epoch, at the current step) and SIGKILL
+(the last end-of-epoch checkpoint); checkpoints load with ``torch.load(weights_only=True)``."""
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,9 +14,10 @@ import pytest
 import torch
 
 ARGS = [
-    "train", "--model", "test_resnet", "--head", "dismax", "--epochs", "5", "--batch-size", "16",
+    "train", "--model", "test_resnet", "--head", "dismax", "--epochs", "3", "--batch-size", "16",
     "--max-train-samples", "160", "--no-track", "--seed", "3",
 ]  # fmt: skip
+STEPS_PER_EPOCH = 10  # 160 samples / batch 16
 
 
 def _train(output, *extra, check=True):
@@ -28,9 +32,13 @@ def _train(output, *extra, check=True):
     return proc
 
 
+def _state(output):
+    return torch.load(output / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+
 def _weights(output):
-    state = torch.load(output / "checkpoint.pt", map_location="cpu", weights_only=False)
-    assert state["epoch"] == 5 and state["step"] == 0
+    state = _state(output)
+    assert state["epoch"] == 3 and state["step"] == 0
     return state["model"]
 
 
@@ -42,17 +50,23 @@ def uninterrupted(tmp_path_factory):
 
 
 def _start_and_stop(output, signum):
+    """Start a run, wait for the end of epoch 1, then signal it about half-way through epoch 2."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "dismax_plugin", *ARGS, "--output", str(output)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     deadline = time.monotonic() + 240
-    while not (output / "checkpoint.pt").exists():  # the end of epoch 1
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
+    for line in proc.stdout:  # "epoch 1/3 ... (1.2s)" is logged right after the end-of-epoch checkpoint
         assert time.monotonic() < deadline
-        time.sleep(0.05)
+        match = re.search(r"epoch 1/3 .*\(([\d.]+)s\)", line)
+        if match:
+            time.sleep(float(match.group(1)) / 2)
+            break
+    else:
+        pytest.fail(proc.communicate()[1][-3000:])
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err
@@ -63,11 +77,14 @@ def test_stopped_run_resumes_to_the_same_weights(uninterrupted, tmp_path, signum
     code, err = _start_and_stop(tmp_path, signum)
     if code == 0:
         pytest.fail("the run finished before the signal arrived; make it longer")
-    if signum != signal.SIGKILL:
+    state = _state(tmp_path)
+    if signum == signal.SIGKILL:
+        assert code == -signal.SIGKILL
+        assert 1 <= state["epoch"] < 3 and state["step"] == 0  # the last end-of-epoch checkpoint
+    else:
         assert code == 128 + signum, err[-2000:]
         assert "checkpoint saved" in err and "--resume" in err
-    state = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=False)
-    assert state["epoch"] < 5
+        assert state["epoch"] == 1 and 0 < state["step"] < STEPS_PER_EPOCH  # mid-epoch, at the current step
     _train(tmp_path, "--resume")
     resumed = _weights(tmp_path)
     for key, value in uninterrupted.items():

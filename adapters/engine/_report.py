@@ -1,0 +1,116 @@
+"""Evaluation of a trained or saved model for the commands: the OOD table, its figures, and loading a saved
+model with its data.
+
+Scores go through the pytorch-ood adapter's comparison, which scores isotropic models with the
+temperature-independent OOD score (agreed interface 1) and stock models with pytorch-ood detectors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import dismax_plugin as dp
+
+from .config import ConfigError
+from .tracking import Tracker
+
+__all__ = ["detector_names", "evaluate_model", "example_input", "format_rows", "load_for_eval", "log_evaluation"]
+
+
+def detector_names(text: str | None) -> list[str]:
+    """``--detectors`` (comma list, or ``all``) as pytorch-ood detector names; ``[]`` when empty."""
+    from ..pytorch_ood import check_detectors
+
+    if not (text or "").strip():
+        return []
+    try:
+        return check_detectors(text)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"--detectors: {error}") from error
+
+
+def format_rows(rows: list[dict]) -> str:
+    """The rows of :func:`evaluate_model` as the pytorch-ood adapter's wide text table."""
+    from ..pytorch_ood import format_table
+
+    return format_table(rows)
+
+
+def evaluate_model(model, data, *, name: str | None = None, batch_size: int = 256, device="cpu", workers: int = 0,
+                   detectors=()) -> dict:  # fmt: skip
+    """Evaluate ``model`` on every OOD set of ``data.benchmark`` with the pytorch-ood adapter's comparison.
+
+    An isotropic model is scored with every native score through the temperature-independent path
+    (agreed interface 1); every model with pytorch-ood's ``MaxSoftmax`` and the ``detectors`` named
+    (fitted on ``data.fit`` where needed).
+
+    :param name: the model's name in the rows (default: its head kind, ``linear`` for a stock model).
+    :return: ``{"rows": [...], "scores": {(model, method): {"ID": tensor, <set>: tensor}}}``; rows as
+        :func:`dismax_plugin.adapters.pytorch_ood.compare` makes them (metrics are fractions).
+    """
+    from ..pytorch_ood import compare
+
+    heads = dp.heads_of(model)
+    name = name or (heads[0][1].kind if heads else "linear")
+    scores: dict = {}
+    methods = list(dict.fromkeys(["MaxSoftmax", *detectors]))
+    rows = compare({name: model}, data.benchmark, fit_data=data.fit, val_data=data.val, detectors=methods,
+                   batch_size=batch_size, device=device, num_workers=workers, keep_scores=scores)  # fmt: skip
+    return {"rows": rows, "scores": scores}
+
+
+def log_evaluation(tracker: Tracker, evaluation: dict, calibration: dict | None) -> None:
+    """The table, its metrics, score histograms, ROC curves and reliability diagrams, to ``tracker``."""
+    from ..pytorch_ood import METRIC_KEYS
+    from .figures import reliability_diagram, roc_curves, score_histogram
+
+    rows = evaluation["rows"]
+    tracker.log_table(rows, "ood/results.json")
+    metrics = {f"{r['dataset']}.{r['method']}.{key}": r[key] for r in rows for key in METRIC_KEYS}
+    metrics.update(test_acc=rows[0]["ACC"], test_ece=rows[0]["ECE"])
+    tracker.log_metrics(metrics)
+    for (_, method), per_set in evaluation["scores"].items():
+        # figures show in-distribution scores (larger = more in-distribution): negate pytorch-ood's sign
+        id_scores = (-per_set["ID"]).numpy()
+        ood = {name: (-values).numpy() for name, values in per_set.items() if name != "ID"}
+        tracker.log_figure(score_histogram(id_scores, ood, title=f"{method}: ID vs OOD"), f"ood/histogram_{method}.png")
+        tracker.log_figure(roc_curves(id_scores, ood, title=f"{method}: ROC"), f"ood/roc_{method}.png")
+    if calibration and "val_logits" in calibration:
+        logits, labels = calibration["val_logits"], calibration["val_labels"]
+        for when, z in (("before", logits), ("after", logits / calibration["temperature"])):
+            figure = reliability_diagram(z, labels, title=f"validation, {when} calibration")
+            tracker.log_figure(figure, f"calibration/reliability_{when}.png")
+
+
+def example_input(data, n: int = 2):
+    """``n`` random raw images (uint8, H x W x C) in the model's input size: the logged model's input example."""
+    import numpy as np
+
+    channels, height, width = data.preprocessing["input_size"]
+    shape = (n, height, width, channels) if channels == 3 else (n, height, width)
+    return np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
+
+
+def load_for_eval(args: argparse.Namespace):
+    """The saved model of ``--checkpoint`` (a model or run directory) and the ``--data`` it is evaluated on."""
+    from .. import timm as dtimm
+    from .data import build_data
+
+    path = args.checkpoint
+    if os.path.isdir(os.path.join(path, "model")):
+        path = os.path.join(path, "model")
+    try:
+        model = dtimm.load_model(path, device=args.device or "cpu")
+        preprocessing = (dtimm.read_metadata(path).get("metadata") or {}).get("preprocessing")
+    except (FileNotFoundError, ValueError, OSError) as error:
+        raise ConfigError(f"--checkpoint: {error}") from error
+    if preprocessing is None:
+        from ..timm.preprocessing import preprocessing_config
+
+        preprocessing = preprocessing_config(model, args.image_size, args.channels)
+    try:
+        data = build_data(args.data, preprocessing, data_root=args.data_root, seed=args.seed)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"--data '{args.data}': {error}") from error
+    return model, data, path
