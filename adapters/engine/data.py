@@ -51,10 +51,12 @@ def _split(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Datas
     return Subset(dataset, order[n_val:]), Subset(dataset, order[:n_val])
 
 
-def _make_benchmark(name: str, root: str | None, transform, image_size: int, channels: int):
+def _make_benchmark(name: str, root: str | None, transform, image_size: int, channels: int, augment: bool):
     if os.path.isdir(name):
         return FolderBenchmark(name, transform=transform)
-    return create_benchmark(name, root=root, transform=transform, image_size=image_size, channels=channels)
+    # the embedded digits are small: keep their transformed items unless the transform augments
+    options = {"memoize": not augment} if name == "digits" else {}
+    return create_benchmark(name, root=root, transform=transform, image_size=image_size, channels=channels, **options)
 
 
 def build_data(
@@ -78,8 +80,8 @@ def build_data(
     channels, image_size = preprocessing["input_size"][0], preprocessing["input_size"][1]
     eval_tf = eval_transform(preprocessing)
     train_tf = train_transform(preprocessing) if augment else eval_tf
-    eval_bench = _make_benchmark(data, data_root, eval_tf, image_size, channels)
-    train_bench = eval_bench if not augment else _make_benchmark(data, data_root, train_tf, image_size, channels)
+    eval_bench = _make_benchmark(data, data_root, eval_tf, image_size, channels, augment=False)
+    train_bench = eval_bench if not augment else _make_benchmark(data, data_root, train_tf, image_size, channels, True)
     train, fit = train_bench.train_set(), eval_bench.train_set()
     val = eval_bench.val_set() if hasattr(eval_bench, "val_set") else None
     if val is None:

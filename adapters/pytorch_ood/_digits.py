@@ -57,12 +57,19 @@ def _to_digit_levels(gray: np.ndarray) -> np.ndarray:
     """Quantise 0..255 grey values to the digits' 17 levels, back on the 0..255 scale (uint8)."""
     levels = np.rint(gray.astype(np.float64) * _LEVELS / 255.0)
     return np.rint(levels * 255.0 / _LEVELS).astype(np.uint8)
+_MEMO_BYTES = 256 * 2**20  # a memoized split keeps at most this many bytes of tensors
 
 
 class _DigitsFormatImages(Dataset):
-    """:math:`8 \\times 8` grey images (uint8) rendered to ``image_size`` and ``channels``."""
+    """:math:`8 \\times 8` grey images (uint8) rendered to ``image_size`` and ``channels``.
 
-    def __init__(self, images: np.ndarray, labels: Sequence[int], image_size: int, channels: int, transform):
+    With ``memoize``, each item is kept after its first read while the whole split fits in
+    :data:`_MEMO_BYTES` (judged on the first item), so epochs and models after the first skip the PIL work.
+    """
+
+    def __init__(
+        self, images: np.ndarray, labels: Sequence[int], image_size: int, channels: int, transform, memoize=False
+    ):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels.")
         self.images = np.ascontiguousarray(images, dtype=np.uint8)
@@ -70,6 +77,7 @@ class _DigitsFormatImages(Dataset):
         self.image_size = image_size
         self.channels = channels
         self.transform = transform
+        self._memo: dict[int, tuple[Any, int]] | None = {} if memoize else None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -81,6 +89,18 @@ class _DigitsFormatImages(Dataset):
         return image.convert("RGB") if self.channels == 3 else image
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
+        if self._memo is not None and index in self._memo:
+            return self._memo[index]
+        item = self._item(index)
+        if self._memo is not None:
+            size = item[0].nbytes if isinstance(item[0], torch.Tensor) else _MEMO_BYTES
+            if size * len(self) <= _MEMO_BYTES:
+                self._memo[index] = item
+            else:
+                self._memo = None
+        return item
+
+    def _item(self, index: int) -> tuple[Any, int]:
         image = self.render(index)
         if self.transform is not None:
             return self.transform(image), self.labels[index]
@@ -176,6 +196,7 @@ class DigitsBenchmark(Benchmark):
         channels: int = 3,
         *,
         ood_size: int = 500,
+        memoize: bool = False,
     ):
         """
         :param root: unused (scikit-learn ships the data); accepted for the signature of the other benchmarks
@@ -184,6 +205,8 @@ class DigitsBenchmark(Benchmark):
         :param image_size: side of the square images, at least 8
         :param channels: 1 (grey) or 3 (the grey value repeated, as RGB models expect)
         :param ood_size: number of images of each synthetic or patch OOD set
+        :param memoize: keep each transformed item after its first read (up to 256 MiB per split). Only for a
+            deterministic ``transform``: an augmenting one would repeat its first draw
         :raises TypeError/ValueError: for a bad ``transform``, ``image_size``, ``channels`` or ``ood_size``
         """
         from sklearn.datasets import load_digits
@@ -205,7 +228,7 @@ class DigitsBenchmark(Benchmark):
         self.indices: dict[str, np.ndarray] = _split_indices(targets, range(self.num_classes))
 
         def make(array: np.ndarray, labels) -> _DigitsFormatImages:
-            return _DigitsFormatImages(array, labels, image_size, channels, transform)
+            return _DigitsFormatImages(array, labels, image_size, channels, transform, memoize)
 
         self.train_in = make(images[self.indices["train"]], targets[self.indices["train"]])
         self.val_in = make(images[self.indices["val"]], targets[self.indices["val"]])

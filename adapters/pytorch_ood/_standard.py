@@ -188,7 +188,7 @@ def create_benchmark(
         make a float tensor in :math:`[0, 1]`
     :param image_size: side of the square images produced without a ``transform``
     :param channels: 1 or 3, for images produced without a ``transform``
-    :param options: ``ood_size`` for ``"digits"``, ``image_net_root`` for the ImageNet benchmarks
+    :param options: ``ood_size`` and ``memoize`` for ``"digits"``, ``image_net_root`` for the ImageNet benchmarks
     :return: the benchmark
     :raises ValueError: for an unknown name (the message lists :data:`BENCHMARK_NAMES`), a missing ``root``
         or OOD sets without a near/far group

@@ -251,3 +251,22 @@ def test_folder_benchmark_rejects_empty_and_duplicate_ood_sets(tmp_path):
         FolderBenchmark(tmp_path)
     with pytest.raises(FileNotFoundError, match="train"):
         FolderBenchmark(tmp_path / "ood")
+
+
+def test_memoized_digits_transform_each_item_once_and_return_the_same_items():
+    calls = []
+
+    def transform(image):
+        calls.append(1)
+        return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+
+    plain, memo = DigitsBenchmark(transform=transform), DigitsBenchmark(transform=transform, memoize=True)
+    calls.clear()
+    first = [memo.train_set()[i] for i in range(5)]
+    again = [memo.train_set()[i] for i in range(5)]
+    assert len(calls) == 5  # the second pass reads the memo
+    for (x, y), (x2, y2) in zip(first, again):
+        assert torch.equal(x, x2) and y == y2
+    for i, (x, y) in enumerate(first):
+        px, py = plain.train_set()[i]
+        assert torch.equal(x, px) and y == py
