@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fields(p.add_argument_group("tracking (MLflow)"), TrackingOptions)
 
     p = sub.add_parser("compare", help="isotropic models and linear twins side by side with post-hoc detectors")
-    _add_fields(p, TrainConfig, exclude=("head",))
+    _add_fields(p, TrainConfig, exclude=("head", "loss", "seed"))  # set per model and per seed (--seeds)
     _add_fields(p, CompareOptions)
     _add_fields(p.add_argument_group("tracking (MLflow)"), TrackingOptions)
 

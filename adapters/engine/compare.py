@@ -47,8 +47,6 @@ def _models(args: argparse.Namespace) -> list[tuple[str, dict]]:
     """``(name, TrainConfig overrides)`` of every model of the comparison, isotropic first."""
     heads = parse_list("heads", getattr(args, "heads", "dismax"), COMPARE_HEADS)
     twins = parse_list("twins", getattr(args, "twins", ",".join(TWINS)), TWINS)
-    if "loss" not in {f.name for f in dataclasses.fields(TrainConfig)} and "logitnorm" in twins:
-        raise ConfigError("--twins logitnorm needs the engine's TrainConfig(loss=...).")
     models = [(head, {"head": head, "loss": "auto"}) for head in dict.fromkeys(heads)]
     models += [(twin, {"head": "linear", "loss": _TWIN_LOSSES[twin]}) for twin in dict.fromkeys(twins)]
     return models
