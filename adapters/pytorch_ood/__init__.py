@@ -17,7 +17,7 @@ Modules (private): ``_detector`` (DisMaxDetector), ``_losses``, ``_papers``, ``_
 """
 
 from ._compare import METRIC_KEYS, ROW_KEYS, compare, ood_metrics
-from ._detector import DisMaxDetector, ood_score
+from ._detector import DisMaxDetector
 from ._digits import DigitsBenchmark
 from ._folder import FolderBenchmark
 from ._losses import DisMaxLoss, IsoMaxLoss, IsoMaxPlusLoss
@@ -50,7 +50,6 @@ __all__ = [
     "format_summary",
     "format_table",
     "ood_metrics",
-    "ood_score",
     "report_markdown",
     "summarize",
     "unsupported_reason",

@@ -24,20 +24,9 @@ from dismax_plugin.heads import DisMaxHead
 
 from ._papers import DISMAX_PAPER
 
-__all__ = ["DisMaxDetector", "ood_score"]
+__all__ = ["DisMaxDetector"]
 
 log = logging.getLogger(__name__)
-
-
-def ood_score(logits: Tensor, temperature: float | Tensor, name: str) -> Tensor:
-    """In-distribution score ``name`` of calibrated ``logits`` [B, C] at temperature 1 -> float64 [B].
-
-    Uses :func:`dismax_plugin.scores.ood_score` (``score(logits * temperature, name)``).
-    """
-    core = getattr(_scores, "ood_score", None)
-    if core is not None:
-        return core(logits, temperature, name)
-    return _scores.score(logits * temperature, name)  # until the core provides ood_score
 
 
 def _heads(model) -> list:
@@ -162,7 +151,7 @@ class DisMaxDetector(LogitsDetector):
         :return: outlier scores of shape :math:`B` (float64), larger means more likely OOD
         :raises ValueError: if ``logits`` is not :math:`B \\times C` with :math:`C \\ge 2`
         """
-        return -ood_score(logits, self.current_temperature(), self.score_name)
+        return -_scores.ood_score(logits, self.current_temperature(), self.score_name)
 
     @staticmethod
     def score(logits: Tensor, name: str = DisMaxHead.default_score) -> Tensor:
