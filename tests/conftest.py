@@ -137,6 +137,22 @@ def mlflow_server_factory(tmp_path):
             server.stop()
 
 
+@pytest.fixture()
+def offline(monkeypatch, tmp_path):
+    """No network (a connection attempt fails the test) and a private torch.hub dir; yields ``tmp_path``."""
+    import torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a network connection was attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield tmp_path
+    torch.hub.set_dir(previous)
+
+
 @pytest.fixture(name="free_port")
 def free_port_fixture():
     """:func:`free_port` itself, for tests in sub-folders (their own ``conftest`` shadows this module's name)."""

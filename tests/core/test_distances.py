@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from dismax_plugin import distances
 from dismax_plugin.distances import (
@@ -188,28 +187,13 @@ def test_fused_nodes_are_twice_differentiable(fn):
     assert gradgradcheck(fn, (x, p))
 
 
-class _LargestOutput(TorchDispatchMode):
-    """Records the largest tensor any aten op produces (forward and backward, custom nodes included)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("fn", [euclidean_distances, normalized_distances])
 @pytest.mark.parametrize("mode", ["fused", "no_grad", "autocast"])
-def test_no_batch_by_class_by_feature_tensor_is_built(fn, mode):
+def test_no_batch_by_class_by_feature_tensor_is_built(fn, mode, largest_output):
     batch, classes, dim = 16, 24, 32  # B*C*D = 12288 >> B*C, C*D, B*D
     x = randn(batch, dim, seed=21, dtype=torch.float32).requires_grad_(mode != "no_grad")
     p = randn(classes, dim, seed=22, dtype=torch.float32).requires_grad_(mode != "no_grad")
-    recorder = _LargestOutput()
+    recorder = largest_output
     with recorder, torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
         d = fn(x, p)
         if mode != "no_grad":

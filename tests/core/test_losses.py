@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from dismax_plugin import DisMaxLoss, IsoMaxLoss, dismax_loss, isomax_loss
 
@@ -149,24 +148,9 @@ def test_fractional_targets_at_large_gaps_stay_finite(fn):
     assert torch.isfinite(logits.grad).all()
 
 
-class _LargestOutput(TorchDispatchMode):
-    """Records the largest tensor (in bytes) any aten op produces, forward and backward."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel() * t.element_size())
-        return out
-
-
 @pytest.mark.parametrize("fn", LOSS_FUNCTIONS)
 @pytest.mark.parametrize("targets_kind", ["indices", "one_hot", "stitched", "smoothed"])
-def test_no_class_by_class_matrix_is_built(fn, targets_kind):
+def test_no_class_by_class_matrix_is_built(fn, targets_kind, largest_output):
     batch, classes = 4, 20_000  # a C x C float32 matrix would be 1.6 GB
     logits = randn(batch, classes, seed=9).requires_grad_(True)
     labels = torch.tensor([0, classes - 1, 7, 123])
@@ -176,13 +160,13 @@ def test_no_class_by_class_matrix_is_built(fn, targets_kind):
         targets[2:] = 0.25 * F.one_hot(labels[:4], classes).float().sum(dim=0)
         if fn is dismax_loss:
             kwargs["stitched"] = torch.tensor([False, False, True, True])
-    recorder = _LargestOutput()
+    recorder = largest_output
     with recorder:
         loss = fn(logits, targets, **kwargs)
         loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
     # The largest allocation is a B x C float64 at most: 4 * 20000 * 8 bytes, far below C * C * 4.
-    assert recorder.largest <= batch * classes * 8 < classes * classes * 4 // 1000
+    assert recorder.largest_bytes <= batch * classes * 8 < classes * classes * 4 // 1000
 
 
 def test_losses_compute_on_the_inputs_device_and_return_float():

@@ -10,11 +10,9 @@ import json
 import math
 import os
 import pickle
-import socket
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import dismax_plugin as dp
@@ -196,21 +194,6 @@ def _openood_replica(root, hub, name) -> None:
     write(val_ood, "tin" if val_ood == "val_tin.txt" else "openimage_o", 6, False, 300)
     for k, (fname, folder) in enumerate(tests):
         write(fname, folder, 5, False, 400 + 10 * k)
-
-
-@pytest.fixture()
-def offline(monkeypatch, tmp_path):
-    """No network (a connection attempt fails the test) and a private torch.hub dir."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a network connection was attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    previous = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    yield tmp_path
-    torch.hub.set_dir(previous)
 
 
 def _standard(name, offline, monkeypatch):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -144,21 +143,6 @@ def test_create_benchmark_by_name():
         create_benchmark(None)
     with pytest.raises(ValueError, match="root"):
         create_benchmark("cifar10_odin")
-
-
-@pytest.fixture()
-def offline(monkeypatch, tmp_path):
-    """No network (any connection attempt fails loudly) and a private torch.hub dir."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a network connection was attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    previous = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    yield tmp_path
-    torch.hub.set_dir(previous)
 
 
 @pytest.mark.parametrize("name", STANDARD)
