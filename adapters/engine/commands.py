@@ -4,14 +4,13 @@ evaluation and tracking, in that order, and returns the exit code."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 
 from . import _report as report
 from ._calibration import calibrate_model
 from ._checkpoint import CHECKPOINT
-from .config import CompareOptions, TrainConfig, parse_list
+from .config import CompareOptions, TrainConfig, parse_list, train_config
 from .tracking import Tracker, make_tracker, tracked
 from .training import train
 
@@ -24,15 +23,6 @@ evaluate_model = report.evaluate_model
 
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def train_config(args: argparse.Namespace, **overrides) -> TrainConfig:
-    """The :class:`TrainConfig` of the parsed options (``overrides`` win)."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    values.update(overrides)
-    cfg = TrainConfig(**values)
-    return cfg if cfg.output else dataclasses.replace(cfg, output=cfg.default_output(args.command))
 
 
 # --------------------------------------------------------------------------- commands

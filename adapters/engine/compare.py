@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import logging
 import math
@@ -31,9 +30,9 @@ from ..pytorch_ood import (
     report_markdown,
     summarize,
 )
-from .config import COMPARE_HEADS, TWINS, parse_list
+from .config import COMPARE_HEADS, TWINS, parse_list, train_config
 from .tracking import Tracker
-from .training import ConfigError, TrainConfig, train
+from .training import ConfigError, train
 
 __all__ = ["run_compare"]
 
@@ -63,17 +62,10 @@ def _options(args: argparse.Namespace) -> tuple[list[int], list[str]]:
     return seeds, detectors
 
 
-def _config(args: argparse.Namespace, name: str, overrides: dict, seed: int) -> TrainConfig:
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    output = os.path.join(args.output, f"seed{seed}", name)
-    return TrainConfig(**(values | overrides | {"seed": seed, "output": output}))
-
-
 def _train_seed(args, models, seed: int, tracker: Tracker) -> tuple[dict, object]:
     trained, data = {}, None
     for name, overrides in models:
-        cfg = _config(args, name, overrides, seed)
+        cfg = train_config(args, **overrides, seed=seed, output=os.path.join(args.output, f"seed{seed}", name))
         with tracker.child(f"{name}-seed{seed}") as child:
             start = time.perf_counter()
             result = train(cfg, child)

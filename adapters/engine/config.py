@@ -38,6 +38,7 @@ __all__ = [
     "check_integer",
     "flag_of",
     "parse_list",
+    "train_config",
 ]
 
 LINEAR = "linear"
@@ -262,3 +263,13 @@ class TrackingOptions:
     run_name: str | None = option(None, "MLflow run name")
     track: bool = option(True, "do not track to MLflow", flag="--no-track")
     register_model: str | None = option(None, "register the logged model under this name", metavar="NAME")
+
+
+def train_config(args: Any, **overrides) -> TrainConfig:
+    """The :class:`TrainConfig` of parsed options (an ``argparse.Namespace``; ``overrides`` win); without an
+    ``output``, the command's default run folder."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    values.update(overrides)
+    cfg = TrainConfig(**values)
+    return cfg if cfg.output else dataclasses.replace(cfg, output=cfg.default_output(args.command))
