@@ -8,37 +8,68 @@ Everything here is a pure function of tensors. The squared distance is expanded 
 
 so the only :math:`B \times C \times D` work is one matrix product, as in ``nn.Linear``; no
 :math:`B \times C \times D` difference tensor is built and no normalised copy of the prototypes is made.
+Both functions take an optional one-element ``scale`` (and :func:`normalized_distances` ``add_mean``) so
+that a head's logits :math:`s\,d` or :math:`s\,(d_j + \frac1C \sum_k d_k)` come out of the same node
+without extra passes over the :math:`B \times C` matrix.
 
-In eager float32/float64 training the whole distance (norms, matrix product, normalisation, square
-root) is one autograd node (:class:`_EuclideanDistances`, :class:`_NormalizedDistances`) whose
-hand-written backward needs one matrix product per input plus one row-scaled pass over the
-:math:`C \times D` prototypes, i.e. about the work of ``nn.Linear``. Under autocast, for float16/bfloat16
-tensors, under torch.func transforms and while tracing, scripting, exporting or compiling, the same formula is
-evaluated with plain differentiable operations (the matrix product in the autocast dtype, the rest in at least
-float32).
+**Fused path.** In eager float32/float64 (no autocast, no torch.func transform, not tracing) the whole
+distance, scale and mean is one autograd node (:class:`_EuclideanDistances`, :class:`_NormalizedDistances`)
+whose hand-written backward needs one matrix product per input, one row-scaled pass over the :math:`C
+\times D` prototypes (the part of their gradient along themselves) and a few :math:`B \times C` passes;
+the forward reads the prototypes once more for their norms. Under autocast, for float16/bfloat16 tensors,
+under torch.func transforms and while tracing, scripting, exporting or compiling, the same formula is
+evaluated with plain differentiable operations (the matrix product in the autocast dtype, the rest in at
+least float32).
 
-**Exactness near a prototype.** The expansion cancels when :math:`\lVert f - p \rVert` is small next to
+**Exactness near a prototype (fused path).** The expansion cancels when :math:`d` is small next to
 :math:`\lVert f \rVert + \lVert p \rVert` (the regime IsoMax training drives features into). Every entry
-with :math:`d^2 \le \rho\,(\lVert f \rVert^2 + \lVert p \rVert^2)`, :math:`\rho = 10^{-2}`, is
-recomputed exactly as the norm of the explicit difference (a :math:`K \times D` gather of the :math:`K`
-flagged pairs, in chunks; finding them costs a host sync on CUDA), and the backward uses that exact
-distance. In eager float32/float64 this gives a relative error below :math:`10^{-3}` whenever
-:math:`d \ge 10^{-4}(\lVert f \rVert + \lVert p \rVert)` and never returns 0 for distinct vectors.
-The plain path (autocast, half precision, torch.func, tracing), which must keep static shapes, recomputes
-each row's nearest prototype exactly instead.
+with :math:`d^2 \le \rho\,(\lVert f \rVert^2 + \lVert p \rVert^2)` (Euclidean) or :math:`d^2 \le 2\rho`
+(normalised, where :math:`\lVert \hat f \rVert^2 + \lVert \hat p \rVert^2 \le 2`), :math:`\rho = 10^{-2}`,
+is recomputed as the norm of the explicit difference :math:`f - p` or :math:`\hat f - \hat p`, evaluated
+in float64 (float32 on MPS) for the :math:`K` flagged pairs, in chunks. The backward drops those pairs from
+the matrix-product terms and adds their exact gradients from the same difference :math:`e`:
+:math:`\partial d/\partial f = e/d` (Euclidean) and, for the normalised distance,
+:math:`\partial d/\partial f = (e - \hat f\,(\hat f \cdot e))/(d\,\lVert f \rVert)`,
+:math:`\partial d/\partial p = -(e - \hat p\,(\hat p \cdot e))/(d\,\lVert p \rVert)`
+(:math:`\hat f \cdot e = d^2/2` for unit vectors). So in float32 the values of flagged pairs are the float64
+values rounded (relative error :math:`\le 10^{-6}` at any distance, 0 only for equal vectors) and their
+gradient contributions are exact to float32 rounding; an unflagged entry has
+:math:`d^2 > \rho\,(\dots)`, where the expansion keeps a relative error near
+:math:`u\,(\lVert f \rVert^2 + \lVert p \rVert^2)/d^2 \lesssim 10^{-5}` (:math:`u = 2^{-24}`). Finding the
+pairs costs one reduction over the :math:`B \times C` matrix and, on CUDA, one host sync per forward.
+
+**Static-shape path** (tracing, ``torch.export`` — e.g. the MLflow ``pt2`` model —, ``torch.compile``,
+TorchScript, torch.func, autocast, float16/bfloat16): data-dependent shapes are not available, so a fixed
+number of pairs is recomputed: each row's :math:`k = \min(C, 4)` **nearest prototypes** by the expanded
+formula, exactly (value and gradient, from the explicit difference in float64). The other pairs keep the
+expansion, whose rounding :math:`\epsilon_2 \approx 4 \sqrt{D}\, u\, (\lVert f \rVert^2 + \lVert p \rVert^2)`
+in the work dtype bounds their absolute error by :math:`\min(\epsilon_2 / (2d), \sqrt{\epsilon_2})` (measured:
+at most 0.45 of it). In float32, D = 2048, :math:`\sqrt{\epsilon_2} \approx 4.6 \cdot 10^{-3}` for normalised
+distances and :math:`\approx 3.3 \cdot 10^{-3}\,\sqrt{\lVert f \rVert^2 + \lVert p \rVert^2}` for Euclidean
+ones. The truly nearest prototype, which decides the class and the scores, is among the recomputed ones
+unless more than four prototypes lie within :math:`\sqrt{\epsilon_2}` of each other around the feature; with
+clustered prototypes beyond that, the bound above is what holds. Under the deprecated ``torch.jit.trace``,
+:math:`k = 1` (a shape-dependent ``min`` cannot be recorded).
 
 **Zero rows.** A vector is normalised as ``F.normalize`` does, :math:`v / \max(\lVert v \rVert, \epsilon)`,
 with :math:`\epsilon = 10^{-12}` except for float16 tensors, where :math:`\epsilon = 2^{-8}`: the gradient at
-a zero row scales with :math:`1/\epsilon`, which must stay far below float16's largest value (65504).
+a zero row scales with :math:`1/\epsilon`, which must stay far below float16's largest value (65504). A
+row with :math:`0 < \lVert v \rVert \le \epsilon` has :math:`\lVert \hat v \rVert = \lVert v \rVert/\epsilon`
+on both paths.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ._near_pairs import NORM_EPS as _NORM_EPS
+from ._near_pairs import add_exact_gradients as _add_exact_gradients
+from ._near_pairs import exact_dtype as _exact_dtype
+from ._near_pairs import flags as _flags
+from ._near_pairs import root_and_recompute as _root_and_recompute
+
 __all__ = ["euclidean_distances", "normalized_distances", "safe_sqrt"]
 
-_NORM_EPS = 1e-12  # same floor as torch.nn.functional.normalize
 _HALF_NORM_EPS = 2.0**-8  # float16: 1/eps (the gradient scale at a zero row) leaves ~256x headroom below 65504
 _NEAR = 1e-2  # recompute d exactly where d^2 <= _NEAR * (|f|^2 + |p|^2): the expansion cancels there
 _FUSED_DTYPES = (torch.float32, torch.float64)
@@ -60,161 +91,243 @@ def _row_norms(v: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(v, dim=1)
 
 
-def _reference_backward(reference, ctx, grad):
-    """Gradients of the plain expression ``reference(x, P)``: used for higher-order derivatives, where the
-    fused backward (in-place, from forward-time intermediates) would not be differentiable."""
-    x, prototypes = ctx.saved_tensors[:2]
-    inputs = [t for t, needed in zip((x, prototypes), ctx.needs_input_grad[:2]) if needed]
-    grads = iter(torch.autograd.grad(reference(x, prototypes), inputs, grad, create_graph=True))
-    return tuple(next(grads) if needed else None for needed in ctx.needs_input_grad[:2])
-
-
-def _divide_where_positive(grad: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``grad / d`` where ``d > 0``, else 0 (the subgradient 0 of the norm at 0), with one B x C buffer."""
-    return torch.div(grad, d).masked_fill_(d <= 0, 0.0)
+def _scaled(d: torch.Tensor, scale: torch.Tensor | None, add_mean: bool, inplace: bool) -> torch.Tensor:
+    """``scale * (d + mean_j d)`` (``add_mean``) or ``scale * d``; ``scale`` a one-element tensor or None."""
+    if add_mean:
+        mean = d.mean(dim=1, keepdim=True)
+        if scale is None:
+            return d.add_(mean) if inplace else d + mean
+        scale = scale.to(d.dtype)
+        return d.add_(mean).mul_(scale) if inplace else torch.addcmul(mean * scale, d, scale)
+    if scale is None:
+        return d
+    scale = scale.to(d.dtype)
+    return d.mul_(scale) if inplace else d * scale
 
 
 # ----------------------------------------------------------------------------------------------- Euclidean
-def _near_pairs(d_sq: torch.Tensor, x_sq: torch.Tensor, p_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column indices :math:`K` of the entries where the expansion cancels (see the module doc)."""
-    near = torch.add(x_sq.unsqueeze(1), p_sq.unsqueeze(0)).mul_(_NEAR) >= d_sq
-    if not bool(near.any()):  # the usual case: no index tensor is built at all
-        empty = torch.empty(0, dtype=torch.long, device=d_sq.device)
-        return empty, empty
-    count = int(torch.count_nonzero(near))
-    # nonzero() on CPU reserves room for every element (B*C int64 pairs): ask for the `count` found only
-    nonzero_static = getattr(torch, "nonzero_static", None)
-    flat = near.view(-1)
-    flat = nonzero_static(flat, size=count) if nonzero_static is not None else flat.nonzero()
-    columns = d_sq.shape[1]
-    flat = flat.squeeze(1)
-    return torch.div(flat, columns, rounding_mode="floor"), flat.remainder(columns)
-
-
-def _exact_pairs(x: torch.Tensor, prototypes: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    r""":math:`\lVert x_r - p_c \rVert` for the :math:`K` pairs, from the explicit differences, in chunks of at
-    most ``max(B, C)`` pairs (no :math:`B \times C \times D` tensor)."""
-    exact = torch.empty(rows.numel(), dtype=x.dtype, device=x.device)
-    chunk = max(x.shape[0], prototypes.shape[0], 1)
-    for start in range(0, rows.numel(), chunk):
-        part = slice(start, start + chunk)
-        difference = x.index_select(0, rows[part]).sub_(prototypes.index_select(0, cols[part]))
-        exact[part] = torch.linalg.vector_norm(difference, dim=1)
-    return exact
-
-
-def _euclidean_kernel(x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    r"""Distances :math:`B \times C`, the flagged pairs recomputed exactly."""
+def _euclidean_kernel(x: torch.Tensor, prototypes: torch.Tensor):
+    r"""Distances :math:`B \times C`, the flagged pairs recomputed exactly, and those pairs' indices."""
     x_sq = _row_norms(x).square_()
     p_sq = _row_norms(prototypes).square_()
-    d = torch.addmm(p_sq.unsqueeze(0), x, prototypes.t(), alpha=-2.0)  # |p|^2 - 2 f.p
-    d.add_(x_sq.unsqueeze(1))
-    rows, cols = _near_pairs(d, x_sq, p_sq)
-    d.clamp_min_(0.0).sqrt_()
-    if rows.numel():
-        d[rows, cols] = _exact_pairs(x, prototypes, rows, cols)
-    return d
+    d = torch.add(x_sq.unsqueeze(1), p_sq)  # |f|^2 + |p|^2, then - 2 f.p in the product's epilogue
+    d.addmm_(x, prototypes.t(), alpha=-2.0)
+    (any_near,) = _flags(d, _NEAR * (x_sq.max() + p_sq.max()) if d.numel() else 0.0)
+    near = d <= torch.add(x_sq.unsqueeze(1), p_sq).mul_(_NEAR) if any_near else None
+    rows, cols = _root_and_recompute(d, x, prototypes, near, normalized=False)
+    return d, (rows, cols)
+
+
+def _save(ctx, out: torch.Tensor, d: torch.Tensor, *tensors) -> None:
+    """Save ``tensors`` and the distances; distances that are not the output stay private to the node (the
+    backward may reuse their buffer), the output is saved as such (no reference cycle)."""
+    ctx.d_is_output = out is d
+    ctx.d = None if ctx.d_is_output else d
+    ctx.save_for_backward(*tensors, *((d,) if ctx.d_is_output else ()))
+
+
+def _take_distances(ctx, kernel, x, prototypes) -> tuple[torch.Tensor, bool]:
+    """The forward's distances and whether their buffer may be overwritten; recomputed for a second backward
+    through a retained graph (the first one consumed them)."""
+    if ctx.d_is_output:
+        return ctx.saved_tensors[-1], False
+    d, ctx.d = ctx.d, None
+    return (kernel(x, prototypes)[0] if d is None else d), True
+
+
+def _reference_backward(ctx, grad, reference, add_mean: bool):
+    """Gradients of the plain expression: used for higher-order derivatives (``create_graph=True``), where the
+    fused backward (in-place, from forward-time intermediates) would not be differentiable."""
+    x, prototypes, scale = ctx.saved_tensors[:3]
+    needed = _needed(ctx)
+    inputs = [t for t, need in zip((x, prototypes, scale), needed) if need]
+    out = _scaled(reference(x, prototypes), scale, add_mean, inplace=False)
+    grads = iter(torch.autograd.grad(out, inputs, grad, create_graph=True))
+    return tuple(next(grads) if need else None for need in needed)
+
+
+def _needed(ctx) -> tuple[bool, bool, bool]:
+    """``needs_input_grad`` of (x, prototypes, scale); ``apply(x, prototypes)`` alone has no scale."""
+    return (tuple(ctx.needs_input_grad) + (False, False, False))[:3]
+
+
+def _scale_gradient(u: torch.Tensor, scale: torch.Tensor | None, needed: bool):
+    """``sum(u)`` shaped and typed like ``scale``, where its gradient is needed."""
+    return u.sum().reshape(scale.shape).to(scale.dtype) if needed else None
 
 
 class _EuclideanDistances(torch.autograd.Function):
-    r"""``d[b, c] = ||x_b - p_c||`` with a backward of two matrix products and two row-scaled copies.
+    r"""``s * ||x_b - p_c||`` in one node, with a backward of two matrix products and two row-scaled copies.
 
-    With :math:`H = g / d` (0 where :math:`d = 0`):
-    :math:`\nabla_x = \mathrm{rowsum}(H)\, x - H P`, :math:`\nabla_P = \mathrm{colsum}(H)\, P - H^\top x`.
+    With :math:`H = s\,g / d` (0 at the flagged pairs, whose exact gradients :math:`\pm s\,g\,e/d` are added
+    from :math:`e = x - p`): :math:`\nabla_x = \mathrm{rowsum}(H)\, x - H P`,
+    :math:`\nabla_P = \mathrm{colsum}(H)\, P - H^\top x`, :math:`\nabla_s = \sum g \odot d`.
     With :math:`d` exact, the cancellation left in :math:`H_{bc}(x_b - p_c)` is a relative
-    :math:`u\,\lVert x \rVert / d` (:math:`u` the unit roundoff): below :math:`10^{-3}` in float32 over the
-    range where the distances are guaranteed.
+    :math:`u\,\lVert x \rVert / d` (:math:`u` the unit roundoff), below :math:`10^{-3}` in float32 for
+    unflagged pairs.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-        d = _euclidean_kernel(x, prototypes)
-        ctx.save_for_backward(x, prototypes, d)
-        return d
+    def forward(ctx, x: torch.Tensor, prototypes: torch.Tensor, scale: torch.Tensor | None = None):
+        d, (rows, cols) = _euclidean_kernel(x, prototypes)
+        out = _scaled(d, scale, False, inplace=False)
+        _save(ctx, out, d, x, prototypes, scale, rows, cols)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain expression instead
-            return _reference_backward(_euclidean_reference, ctx, grad)
-        x, prototypes, d = ctx.saved_tensors
-        h = _divide_where_positive(grad, d)
+            return _reference_backward(ctx, grad, _euclidean_reference, False)
+        x, prototypes, scale, rows, cols = ctx.saved_tensors[:5]
+        need_x, need_p, need_s = _needed(ctx)
+        d, own = _take_distances(ctx, _euclidean_kernel, x, prototypes)
+        s = 1.0 if scale is None else scale.to(d.dtype)
+        grad_s = _scale_gradient(torch.mul(grad, d), scale, True) if need_s else None
+        flagged = rows.numel() > 0
+        upstream = grad[rows, cols] * s if flagged else None
+        h = torch.div(grad, d, out=d) if own else torch.div(grad, d)
+        if flagged:
+            h[rows, cols] = 0.0
+        if scale is not None:
+            h.mul_(s)
         grad_x = grad_p = None
-        if ctx.needs_input_grad[0]:
+        if need_x:
             grad_x = x * h.sum(dim=1, keepdim=True)
             grad_x.addmm_(h, prototypes, alpha=-1.0)
-        if ctx.needs_input_grad[1]:
+        if need_p:
             grad_p = prototypes * h.sum(dim=0).unsqueeze(1)
             grad_p.addmm_(h.t(), x, alpha=-1.0)
-        return grad_x, grad_p
+        if flagged:
+            _add_exact_gradients(x, prototypes, rows, cols, upstream, grad_x, grad_p, normalized=False)
+        return grad_x, grad_p, grad_s
+
+
+def _nearest_exact(xw, pw, d_sq, x_eps: float, p_eps: float, normalized: bool):
+    """Indices (B x k) of each row's k = min(C, 4) nearest prototypes by ``d_sq`` and their distances
+    from the explicit differences (B x k, differentiable, float64 or float32 on MPS, in ``xw``'s dtype)."""
+    if torch.jit.is_tracing():  # torch.jit.trace records min(4, C) as a data-dependent branch: nearest only
+        nearest = d_sq.detach().argmin(dim=1, keepdim=True)
+    else:
+        nearest = d_sq.detach().topk(min(4, d_sq.shape[1]), dim=1, largest=False).indices
+    work = _exact_dtype(xw.device)
+    xe = xw.to(work).unsqueeze(1)  # B x 1 x D
+    pe = pw.to(work)[nearest]  # B x k x D
+    if normalized:
+        xe = xe / torch.linalg.vector_norm(xe, dim=2, keepdim=True).clamp_min(x_eps)
+        pe = pe / torch.linalg.vector_norm(pe, dim=2, keepdim=True).clamp_min(p_eps)
+    return nearest, torch.linalg.vector_norm(xe - pe, dim=2).to(xw.dtype)
 
 
 def _euclidean_reference(x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """The plain differentiable expression; each row's nearest prototype recomputed exactly (static shapes)."""
+    """The plain differentiable expression; each row's nearest prototypes recomputed exactly (static shapes)."""
     products = x @ prototypes.t()
     work = torch.promote_types(products.dtype, torch.float32)
     xw, pw = x.to(work), prototypes.to(work)
     x_sq = xw.pow(2).sum(dim=1, keepdim=True)
     p_sq = pw.pow(2).sum(dim=1)
     d_sq = x_sq + p_sq.unsqueeze(0) - 2.0 * products.to(work)
-    nearest = d_sq.detach().argmin(dim=1, keepdim=True)  # B x 1
-    exact = torch.linalg.vector_norm(xw - pw[nearest.squeeze(1)], dim=1, keepdim=True)
+    nearest, exact = _nearest_exact(xw, pw, d_sq, 0.0, 0.0, False)
     return safe_sqrt(d_sq).scatter(1, nearest, exact)
 
 
 # ----------------------------------------------------------------------------------------------- normalised
 def _normalized_kernel(x: torch.Tensor, prototypes: torch.Tensor):
-    x_norm = _row_norms(x)
-    p_norm = _row_norms(prototypes)
-    x_inv = x_norm.clamp_min(_NORM_EPS).reciprocal_()
-    p_inv = p_norm.clamp_min(_NORM_EPS).reciprocal_()
-    # |f^|^2 is 1, or 0 for a vector at/below the eps floor (F.normalize maps it to ~0).
-    x_unit = (x_norm > _NORM_EPS).to(x.dtype)
-    p_unit = (p_norm > _NORM_EPS).to(x.dtype)
-    # d^2 = |f^|^2 + |p^|^2 - 2 f^.p^, built in place in the buffer of the matrix product.
-    d = (x @ prototypes.t()).mul_((-2.0 * x_inv).unsqueeze(1)).mul_(p_inv.unsqueeze(0))
-    d.add_(x_unit.unsqueeze(1)).add_(p_unit.unsqueeze(0)).clamp_min_(0.0).sqrt_()
-    return d, x_inv, p_inv, x_unit, p_unit
+    r"""Normalised distances :math:`B \times C` (flagged pairs exact) and what the backward needs."""
+    x_norm, p_norm = _row_norms(x), _row_norms(prototypes)
+    a = x_norm.clamp_min(_NORM_EPS).reciprocal_()
+    q = p_norm.clamp_min(_NORM_EPS).reciprocal_()
+    x_normal, p_normal = x_norm > _NORM_EPS, p_norm > _NORM_EPS
+    # |v^|^2 = (|v| / max(|v|, eps))^2: 1 above the floor, F.normalize's (|v|/eps)^2 at or below it
+    ux = (x_norm * a).square_().masked_fill_(x_normal, 1.0)
+    up = (p_norm * q).square_().masked_fill_(p_normal, 1.0)
+    # d^2 = |f^|^2 + |p^|^2 - 2 q (a f.p), built in place in the buffer of the matrix product
+    d = torch.mm(x, prototypes.t()).mul_(q)
+    torch.addcmul(ux.unsqueeze(1), d, a.mul(-2.0).unsqueeze(1), out=d)
+    d.add_(up)
+    # rows at or below the floor (|f^| < 1, zero rows included) need the general cosine in the backward
+    any_near, floor_x = _flags(d, 2.0 * _NEAR, (~x_normal).any())
+    rows, cols = _root_and_recompute(d, x, prototypes, d <= 2.0 * _NEAR if any_near else None, normalized=True)
+    return d, (a, q, ux, x_normal, p_normal, rows, cols), floor_x
 
 
 class _NormalizedDistances(torch.autograd.Function):
-    r"""``d[b, c] = ||x_b/|x_b| - p_c/|p_c|||`` (``F.normalize`` semantics) in one autograd node.
+    r"""``s * (d + [mean_j d])`` with ``d[b, c] = ||x_b/|x_b| - p_c/|p_c|||`` (``F.normalize`` semantics) in one
+    autograd node.
 
-    With :math:`G = -g / d` (0 where :math:`d = 0`), :math:`a = 1/|x|`, :math:`q = 1/|p|` and
-    :math:`K = a\,G\,q` (outer scaling):
-    :math:`\nabla_x = K P - a^2\,\mathrm{rowsum}(G \odot \cos)\, x`,
-    :math:`\nabla_P = K^\top x - q^2\,\mathrm{colsum}(G \odot \cos)\, P`
-    (the second terms vanish for vectors at the eps floor, whose scale is constant). Only ``d`` is saved
-    at :math:`B \times C` size; the backward recovers :math:`\cos = (|\hat f|^2 + |\hat p|^2 - d^2) / 2`.
+    With :math:`V = g + [\mathrm{rowmean}(g)]`, :math:`T = V / d`, :math:`U = V d` (flagged pairs set to 0 and
+    their exact gradients added from :math:`e = \hat x - \hat p`), :math:`a = 1/|x|`, :math:`q = 1/|p|` and
+    :math:`K = -s\,a\,T\,q` (outer scaling): :math:`\nabla_x = (I - \hat x \hat x^\top) K P` per row, and
+    :math:`\nabla_P = K^\top x + s q^2 (\mathrm{colsum}(T) - \frac12 \mathrm{colsum}(U))\, P`,
+    :math:`\nabla_s = \sum U` (rows at the eps floor, whose scale is constant, use the general
+    :math:`\cos = (|\hat x|^2 + |\hat p|^2 - d^2)/2`). Only ``d`` is kept at :math:`B \times C` size; its buffer
+    becomes :math:`T` and then :math:`K`.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-        d, x_inv, p_inv, x_unit, p_unit = _normalized_kernel(x, prototypes)
-        ctx.save_for_backward(x, prototypes, d, x_inv, p_inv, x_unit, p_unit)
-        return d
+    def forward(ctx, x, prototypes, scale: torch.Tensor | None = None, add_mean: bool = False):
+        d, state, ctx.floor_x = _normalized_kernel(x, prototypes)
+        out = _scaled(d, scale, add_mean, inplace=False)
+        ctx.add_mean = add_mean
+        _save(ctx, out, d, x, prototypes, scale, *state)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain expression instead
-            return _reference_backward(_normalized_reference, ctx, grad)
-        x, prototypes, d, x_inv, p_inv, x_unit, p_unit = ctx.saved_tensors
-        g = _divide_where_positive(grad, d).neg_()
-        gc = d.square().neg_().add_(x_unit.unsqueeze(1)).add_(p_unit.unsqueeze(0)).mul_(0.5).mul_(g)  # g * cos
-        row = gc.sum(dim=1).mul_(x_inv.square()).mul_(x_unit).neg_()
-        col = gc.sum(dim=0).mul_(p_inv.square()).mul_(p_unit).neg_()
-        del gc
-        k = g.mul_(x_inv.unsqueeze(1)).mul_(p_inv.unsqueeze(0))
-        grad_x = grad_p = None
-        if ctx.needs_input_grad[0]:
-            grad_x = x * row.unsqueeze(1)
-            grad_x.addmm_(k, prototypes)
-        if ctx.needs_input_grad[1]:
+            return _reference_backward(ctx, grad, _normalized_reference, ctx.add_mean) + (None,)
+        x, prototypes, scale, a, q, ux, x_normal, p_normal, rows, cols = ctx.saved_tensors[:10]
+        need_x, need_p, need_s = _needed(ctx)
+        d, own = _take_distances(ctx, _normalized_kernel, x, prototypes)
+        s = 1.0 if scale is None else scale.to(d.dtype)
+        flagged = rows.numel() > 0
+        v = torch.add(grad, grad.mean(dim=1, keepdim=True)) if ctx.add_mean else grad  # V
+        upstream = v[rows, cols] * s if flagged else None
+        colsum_u = grad_s = None
+        if need_p or need_s:
+            u = torch.mul(v, d)  # U = V d
+            colsum_u = u.sum(dim=0)
+            grad_s = _scale_gradient(colsum_u, scale, need_s)  # sum(U) over every pair
+            if flagged and need_p:  # the flagged pairs' exact gradients are added separately
+                colsum_u.index_put_((cols,), -u[rows, cols], accumulate=True)
+            del u
+        if not (need_x or need_p):
+            return None, None, grad_s, None
+        if ctx.add_mean:  # T = V / d, in V's buffer, else in d's when it is private
+            t = v.div_(d)
+        else:
+            t = torch.div(grad, d, out=d) if own else torch.div(grad, d)
+        del d, v
+        if flagged:
+            t[rows, cols] = 0.0
+        grad_p = None
+        if need_p:  # the part of the prototypes' gradient along themselves, before T becomes K
+            colsum_t = t.sum(dim=0)
+            t_ux = torch.mv(t.t(), ux) if ctx.floor_x else colsum_t
+            col = torch.where(p_normal, 0.5 * (t_ux + colsum_t - colsum_u), colsum_t).mul_(q.square()).mul_(s)
             grad_p = prototypes * col.unsqueeze(1)
+        rowsum_t = t.sum(dim=1) if (ctx.floor_x and need_x) else None
+        k = t.mul_((a * -s).unsqueeze(1)).mul_(q)  # K = a G q with G = -s T
+        grad_x = _normalized_grad_x(k, x, prototypes, a, s, x_normal, rowsum_t) if need_x else None
+        if need_p:
             grad_p.addmm_(k.t(), x)
-        return grad_x, grad_p
+        if flagged:
+            _add_exact_gradients(x, prototypes, rows, cols, upstream, grad_x, grad_p, normalized=True)
+        return grad_x, grad_p, grad_s, None
+
+
+def _normalized_grad_x(k, x, prototypes, a, s, x_normal, rowsum_t):
+    r""":math:`K P` projected on each row's tangent space (:math:`\hat x^\perp`); rows at the eps floor (whose
+    scale is constant) get :math:`K P + a^2 s\,\mathrm{rowsum}(T)\, x` instead."""
+    grad_x = torch.mm(k, prototypes)
+    a_sq = a.square()
+    beta = (x * grad_x).sum(dim=1).mul_(a_sq).neg_()
+    if rowsum_t is not None:
+        beta = torch.where(x_normal, beta, rowsum_t * a_sq * s)
+    return grad_x.addcmul_(x, beta.unsqueeze(1))
 
 
 def _normalized_reference(x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """The plain differentiable expression; each row's nearest prototypes recomputed exactly (static shapes)."""
     work = torch.promote_types(torch.promote_types(x.dtype, prototypes.dtype), torch.float32)
     xw, pw = x.to(work), prototypes.to(work)
     x_eps, p_eps = _norm_eps(x.dtype), _norm_eps(prototypes.dtype)
@@ -227,14 +340,18 @@ def _normalized_reference(x: torch.Tensor, prototypes: torch.Tensor) -> torch.Te
     # |f^|^2: 1 above the floor, (|f| / eps)^2 below it (F.normalize's value, not only 0 or 1)
     x_unit = (x_norm / x_norm.clamp_min(x_eps)).square()
     p_unit = (p_norm / p_norm.clamp_min(p_eps)).square().unsqueeze(0)
-    return safe_sqrt(x_unit + p_unit - 2.0 * cosine)
+    d_sq = x_unit + p_unit - 2.0 * cosine
+    nearest, exact = _nearest_exact(xw, pw, d_sq, x_eps, p_eps, True)
+    return safe_sqrt(d_sq).scatter(1, nearest, exact)
 
 
 # ----------------------------------------------------------------------------------------------- dispatch
-def _fused_ok(x: torch.Tensor, prototypes: torch.Tensor) -> bool:
+def _fused_ok(x: torch.Tensor, prototypes: torch.Tensor, scale: torch.Tensor | None) -> bool:
     # Eager, same float32/float64 dtype, no autocast: the fused kernels apply. Tracing, export, compile,
     # torch.func transforms, autocast and half precision get the plain differentiable expression.
     if x.dtype != prototypes.dtype or x.dtype not in _FUSED_DTYPES or x.device != prototypes.device:
+        return False
+    if scale is not None and scale.device != x.device:
         return False
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
         return False
@@ -243,43 +360,60 @@ def _fused_ok(x: torch.Tensor, prototypes: torch.Tensor) -> bool:
     return not torch.is_autocast_enabled(x.device.type)
 
 
-def _needs_grad(x: torch.Tensor, prototypes: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or prototypes.requires_grad)
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _plain(reference, x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """The differentiable expression; outside autocast, in the inputs' promoted dtype."""
-    distances = reference(x, prototypes)
+def _as_scale(scale, features: torch.Tensor) -> torch.Tensor | None:
+    """``None``, or ``scale`` as a one-element tensor (a number becomes one in at least float32)."""
+    if scale is None or isinstance(scale, torch.Tensor):
+        if scale is not None and scale.numel() != 1:
+            raise ValueError(f"scale must be a number or a one-element tensor; got shape {tuple(scale.shape)}.")
+        return scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a number or a one-element tensor; got {type(scale).__name__}.")
+    dtype = torch.promote_types(features.dtype, torch.float32) if features.is_floating_point() else torch.float32
+    return torch.full((), float(scale), dtype=dtype, device=features.device)
+
+
+def _dispatch(function, kernel, reference, x, prototypes, scale, add_mean: bool) -> torch.Tensor:
+    """Fused node (training), fused kernel (no gradient) or the plain expression, see :func:`_fused_ok`."""
+    if _fused_ok(x, prototypes, scale):
+        if _needs_grad(x, prototypes, scale):
+            return function.apply(x, prototypes, scale, *((add_mean,) if function is _NormalizedDistances else ()))
+        return _scaled(kernel(x, prototypes)[0], scale, add_mean, inplace=True)
+    distances = _scaled(reference(x, prototypes), scale, add_mean, inplace=False)
     if torch.is_autocast_enabled(x.device.type):
         return distances
     return distances.to(torch.promote_types(x.dtype, prototypes.dtype))
 
 
-def _dispatch(function, kernel, reference, x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """Fused node (training), fused kernel (no gradient) or the plain expression, see :func:`_fused_ok`."""
-    if _fused_ok(x, prototypes):
-        if _needs_grad(x, prototypes):
-            return function.apply(x, prototypes)
-        distances = kernel(x, prototypes)
-        return distances[0] if isinstance(distances, tuple) else distances
-    return _plain(reference, x, prototypes)
-
-
-def euclidean_distances(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    r"""Euclidean distances :math:`\lVert f_b - p_j \rVert`.
+def euclidean_distances(
+    features: torch.Tensor, prototypes: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    r"""Euclidean distances :math:`s\,\lVert f_b - p_j \rVert`.
 
     :param features: :math:`B \times D`
     :param prototypes: :math:`C \times D`
-    :return: :math:`B \times C`, non-negative, with a finite gradient (0) where a distance is 0.
+    :param scale: optional factor :math:`s` (a number or a one-element tensor, differentiable), applied
+        inside the fused node (cheaper than multiplying the result).
+    :return: :math:`B \times C`, non-negative for :math:`s > 0`, with a finite gradient (0) where a distance
+        is 0.
+    :raises ValueError: if ``scale`` has more than one element.
     """
     if torch.jit.is_scripting():  # TorchScript compiles this branch only
-        return _euclidean_reference(features, prototypes)
+        return _scaled(_euclidean_reference(features, prototypes), scale, False, False)
     else:
-        return _dispatch(_EuclideanDistances, _euclidean_kernel, _euclidean_reference, features, prototypes)
+        scale = _as_scale(scale, features)
+        return _dispatch(_EuclideanDistances, _euclidean_kernel, _euclidean_reference, features, prototypes,
+                         scale, False)
 
 
-def normalized_distances(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    r"""Distances between L2-normalised vectors, :math:`\lVert \hat f_b - \hat p_j \rVert \in [0, 2]`.
+def normalized_distances(
+    features: torch.Tensor, prototypes: torch.Tensor, scale: torch.Tensor | None = None, add_mean: bool = False
+) -> torch.Tensor:
+    r"""Distances between L2-normalised vectors, :math:`u_{bj} = \lVert \hat f_b - \hat p_j \rVert \in [0, 2]`,
+    times ``scale``; with ``add_mean`` (DisMax) :math:`s\,(u_{bj} + \frac1C \sum_k u_{bk})`.
 
     With :math:`\hat v = v / \max(\lVert v \rVert, \epsilon)` (as ``F.normalize``; :math:`\epsilon` see the
     module doc), :math:`\lVert \hat f - \hat p \rVert^2 = \lVert \hat f \rVert^2 + \lVert \hat p \rVert^2
@@ -287,9 +421,14 @@ def normalized_distances(features: torch.Tensor, prototypes: torch.Tensor) -> to
 
     :param features: :math:`B \times D`
     :param prototypes: :math:`C \times D`
+    :param scale: optional factor :math:`s` (a number or a one-element tensor, differentiable).
+    :param add_mean: add each row's mean distance before scaling (the DisMax logit).
     :return: :math:`B \times C`
+    :raises ValueError: if ``scale`` has more than one element.
     """
     if torch.jit.is_scripting():  # TorchScript compiles this branch only
-        return _normalized_reference(features, prototypes)
+        return _scaled(_normalized_reference(features, prototypes), scale, add_mean, False)
     else:
-        return _dispatch(_NormalizedDistances, _normalized_kernel, _normalized_reference, features, prototypes)
+        scale = _as_scale(scale, features)
+        return _dispatch(_NormalizedDistances, _normalized_kernel, _normalized_reference, features, prototypes,
+                         scale, add_mean)
