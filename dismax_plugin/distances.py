@@ -64,45 +64,22 @@ import torch
 
 from ._near_pairs import NORM_EPS as _NORM_EPS
 from ._near_pairs import add_exact_gradients as _add_exact_gradients
-from ._near_pairs import exact_dtype as _exact_dtype
 from ._near_pairs import flags as _flags
 from ._near_pairs import root_and_recompute as _root_and_recompute
+from ._static_distances import euclidean_reference as _euclidean_reference
+from ._static_distances import normalized_reference as _normalized_reference
+from ._static_distances import safe_sqrt
+from ._static_distances import scaled as _scaled
 
 __all__ = ["euclidean_distances", "normalized_distances", "safe_sqrt"]
 
-_HALF_NORM_EPS = 2.0**-8  # float16: 1/eps (the gradient scale at a zero row) leaves ~256x headroom below 65504
 _NEAR = 1e-2  # recompute d exactly where d^2 <= _NEAR * (|f|^2 + |p|^2): the expansion cancels there
 _FUSED_DTYPES = (torch.float32, torch.float64)
-
-
-def _norm_eps(dtype: torch.dtype) -> float:
-    # literals (= _HALF_NORM_EPS, _NORM_EPS) keep this scriptable
-    return 0.00390625 if dtype == torch.float16 else 1e-12
-
-
-def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
-    """Square root of ``max(x, 0)`` whose gradient is 0 (not inf/NaN) where ``x <= 0``."""
-    positive = x > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
 
 
 def _row_norms(v: torch.Tensor) -> torch.Tensor:
     # vector_norm reduces without materialising v * v (a C x D temporary for the prototypes).
     return torch.linalg.vector_norm(v, dim=1)
-
-
-def _scaled(d: torch.Tensor, scale: torch.Tensor | None, add_mean: bool, inplace: bool) -> torch.Tensor:
-    """``scale * (d + mean_j d)`` (``add_mean``) or ``scale * d``; ``scale`` a one-element tensor or None."""
-    if add_mean:
-        mean = d.mean(dim=1, keepdim=True)
-        if scale is None:
-            return d.add_(mean) if inplace else d + mean
-        scale = scale.to(d.dtype)
-        return d.add_(mean).mul_(scale) if inplace else torch.addcmul(mean * scale, d, scale)
-    if scale is None:
-        return d
-    scale = scale.to(d.dtype)
-    return d.mul_(scale) if inplace else d * scale
 
 
 # ----------------------------------------------------------------------------------------------- Euclidean
@@ -202,34 +179,6 @@ class _EuclideanDistances(torch.autograd.Function):
         return grad_x, grad_p, grad_s
 
 
-def _nearest_exact(xw, pw, d_sq, x_eps: float, p_eps: float, normalized: bool):
-    """Indices (B x k) of each row's k = min(C, 4) nearest prototypes by ``d_sq`` and their distances
-    from the explicit differences (B x k, differentiable, float64 or float32 on MPS, in ``xw``'s dtype)."""
-    if torch.jit.is_tracing():  # torch.jit.trace records min(4, C) as a data-dependent branch: nearest only
-        nearest = d_sq.detach().argmin(dim=1, keepdim=True)
-    else:
-        nearest = d_sq.detach().topk(min(4, d_sq.shape[1]), dim=1, largest=False).indices
-    work = _exact_dtype(xw.device)
-    xe = xw.to(work).unsqueeze(1)  # B x 1 x D
-    pe = pw.to(work)[nearest]  # B x k x D
-    if normalized:
-        xe = xe / torch.linalg.vector_norm(xe, dim=2, keepdim=True).clamp_min(x_eps)
-        pe = pe / torch.linalg.vector_norm(pe, dim=2, keepdim=True).clamp_min(p_eps)
-    return nearest, torch.linalg.vector_norm(xe - pe, dim=2).to(xw.dtype)
-
-
-def _euclidean_reference(x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """The plain differentiable expression; each row's nearest prototypes recomputed exactly (static shapes)."""
-    products = x @ prototypes.t()
-    work = torch.promote_types(products.dtype, torch.float32)
-    xw, pw = x.to(work), prototypes.to(work)
-    x_sq = xw.pow(2).sum(dim=1, keepdim=True)
-    p_sq = pw.pow(2).sum(dim=1)
-    d_sq = x_sq + p_sq.unsqueeze(0) - 2.0 * products.to(work)
-    nearest, exact = _nearest_exact(xw, pw, d_sq, 0.0, 0.0, False)
-    return safe_sqrt(d_sq).scatter(1, nearest, exact)
-
-
 # ----------------------------------------------------------------------------------------------- normalised
 def _normalized_kernel(x: torch.Tensor, prototypes: torch.Tensor):
     r"""Normalised distances :math:`B \times C` (flagged pairs exact) and what the backward needs."""
@@ -244,28 +193,31 @@ def _normalized_kernel(x: torch.Tensor, prototypes: torch.Tensor):
     d = torch.mm(x, prototypes.t()).mul_(q)
     torch.addcmul(ux.unsqueeze(1), d, a.mul(-2.0).unsqueeze(1), out=d)
     d.add_(up)
-    # rows at or below the floor (|f^| < 1, zero rows included) need the general cosine in the backward
-    any_near, floor_x = _flags(d, 2.0 * _NEAR, (~x_normal).any())
+    # rows at or below the floor (|v^| < 1, zero rows included) need the general cosine in the backward
+    any_near, floor_x, floor_p = _flags(d, 2.0 * _NEAR, (~x_normal).any(), (~p_normal).any())
     rows, cols = _root_and_recompute(d, x, prototypes, d <= 2.0 * _NEAR if any_near else None, normalized=True)
-    return d, (a, q, ux, x_normal, p_normal, rows, cols), floor_x
+    return d, (a, q, ux, up, x_normal, p_normal, rows, cols), (floor_x, floor_p)
 
 
 class _NormalizedDistances(torch.autograd.Function):
     r"""``s * (d + [mean_j d])`` with ``d[b, c] = ||x_b/|x_b| - p_c/|p_c|||`` (``F.normalize`` semantics) in one
     autograd node.
 
-    With :math:`V = g + [\mathrm{rowmean}(g)]`, :math:`T = V / d`, :math:`U = V d` (flagged pairs set to 0 and
-    their exact gradients added from :math:`e = \hat x - \hat p`), :math:`a = 1/|x|`, :math:`q = 1/|p|` and
-    :math:`K = -s\,a\,T\,q` (outer scaling): :math:`\nabla_x = (I - \hat x \hat x^\top) K P` per row, and
-    :math:`\nabla_P = K^\top x + s q^2 (\mathrm{colsum}(T) - \frac12 \mathrm{colsum}(U))\, P`,
-    :math:`\nabla_s = \sum U` (rows at the eps floor, whose scale is constant, use the general
-    :math:`\cos = (|\hat x|^2 + |\hat p|^2 - d^2)/2`). Only ``d`` is kept at :math:`B \times C` size; its buffer
-    becomes :math:`T` and then :math:`K`.
+    With :math:`V = g + [\mathrm{rowmean}(g)]`, :math:`T = V / d`, :math:`U = V d` (flagged pairs left out and
+    their exact gradients added from :math:`e = \hat x - \hat p`), :math:`a = 1/|x|`, :math:`q = 1/|p|`,
+    :math:`K = -s\,a\,T\,q` (outer scaling) and :math:`\cos = (|\hat x|^2 + |\hat p|^2 - d^2)/2`:
+    :math:`\nabla_x = K P + \beta x` with :math:`\beta = -a^2 \sum_c G \cos = \tfrac{s a^2}{2}
+    (|\hat x|^2 \mathrm{rowsum}(T) + T |\hat p|^2 - \mathrm{rowsum}(U))` (for :math:`C \ge 3D` the same
+    :math:`\beta` comes from projecting :math:`KP` on the tangent space, cheaper there), :math:`\nabla_P =
+    K^\top x + \gamma P` with :math:`\gamma` the same per column, :math:`\nabla_s = \sum U`. A row at the eps
+    floor (constant scale) has :math:`\beta = s a^2 \mathrm{rowsum}(T)`, a prototype there
+    :math:`\gamma = s q^2 \mathrm{colsum}(T)`. Only ``d`` is kept at :math:`B \times C` size; a buffer of it
+    or of :math:`V` becomes :math:`T` and then :math:`K`.
     """
 
     @staticmethod
     def forward(ctx, x, prototypes, scale: torch.Tensor | None = None, add_mean: bool = False):
-        d, state, ctx.floor_x = _normalized_kernel(x, prototypes)
+        d, state, (ctx.floor_x, ctx.floor_p) = _normalized_kernel(x, prototypes)
         out = _scaled(d, scale, add_mean, inplace=False)
         ctx.add_mean = add_mean
         _save(ctx, out, d, x, prototypes, scale, *state)
@@ -275,21 +227,14 @@ class _NormalizedDistances(torch.autograd.Function):
     def backward(ctx, grad):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain expression instead
             return _reference_backward(ctx, grad, _normalized_reference, ctx.add_mean) + (None,)
-        x, prototypes, scale, a, q, ux, x_normal, p_normal, rows, cols = ctx.saved_tensors[:10]
+        x, prototypes, scale, a, q, ux, up, x_normal, p_normal, rows, cols = ctx.saved_tensors[:11]
         need_x, need_p, need_s = _needed(ctx)
         d, own = _take_distances(ctx, _normalized_kernel, x, prototypes)
         s = 1.0 if scale is None else scale.to(d.dtype)
-        flagged = rows.numel() > 0
+        row_sums = need_x and prototypes.shape[0] < 3 * prototypes.shape[1]  # else the tangent projection
         v = torch.add(grad, grad.mean(dim=1, keepdim=True)) if ctx.add_mean else grad  # V
-        upstream = v[rows, cols] * s if flagged else None
-        colsum_u = grad_s = None
-        if need_p or need_s:
-            u = torch.mul(v, d)  # U = V d
-            colsum_u = u.sum(dim=0)
-            grad_s = _scale_gradient(colsum_u, scale, need_s)  # sum(U) over every pair
-            if flagged and need_p:  # the flagged pairs' exact gradients are added separately
-                colsum_u.index_put_((cols,), -u[rows, cols], accumulate=True)
-            del u
+        upstream = v[rows, cols] * s if rows.numel() else None
+        colsum_u, rowsum_u, grad_s = _u_sums(v, d, rows, cols, need_p or need_s, row_sums, scale, need_s)
         if not (need_x or need_p):
             return None, None, grad_s, None
         if ctx.add_mean:  # T = V / d, in V's buffer, else in d's when it is private
@@ -297,52 +242,64 @@ class _NormalizedDistances(torch.autograd.Function):
         else:
             t = torch.div(grad, d, out=d) if own else torch.div(grad, d)
         del d, v
-        if flagged:
+        if upstream is not None:
             t[rows, cols] = 0.0
         grad_p = None
         if need_p:  # the part of the prototypes' gradient along themselves, before T becomes K
-            colsum_t = t.sum(dim=0)
-            t_ux = torch.mv(t.t(), ux) if ctx.floor_x else colsum_t
-            col = torch.where(p_normal, 0.5 * (t_ux + colsum_t - colsum_u), colsum_t).mul_(q.square()).mul_(s)
-            grad_p = prototypes * col.unsqueeze(1)
-        rowsum_t = t.sum(dim=1) if (ctx.floor_x and need_x) else None
+            grad_p = prototypes * _coefficients(t, 0, ux, ctx.floor_x, colsum_u, p_normal, q, s).unsqueeze(1)
+        beta = None
+        if need_x and (row_sums or ctx.floor_x):
+            beta = _coefficients(t, 1, up, ctx.floor_p, rowsum_u, x_normal, a, s)
         k = t.mul_((a * -s).unsqueeze(1)).mul_(q)  # K = a G q with G = -s T
-        grad_x = _normalized_grad_x(k, x, prototypes, a, s, x_normal, rowsum_t) if need_x else None
+        grad_x = _normalized_grad_x(k, x, prototypes, a, beta, row_sums, x_normal) if need_x else None
         if need_p:
             grad_p.addmm_(k.t(), x)
-        if flagged:
+        if upstream is not None:
             _add_exact_gradients(x, prototypes, rows, cols, upstream, grad_x, grad_p, normalized=True)
         return grad_x, grad_p, grad_s, None
 
 
-def _normalized_grad_x(k, x, prototypes, a, s, x_normal, rowsum_t):
-    r""":math:`K P` projected on each row's tangent space (:math:`\hat x^\perp`); rows at the eps floor (whose
-    scale is constant) get :math:`K P + a^2 s\,\mathrm{rowsum}(T)\, x` instead."""
+def _u_sums(v, d, rows, cols, columns: bool, by_row: bool, scale, need_s: bool):
+    """Column and row sums of :math:`U = V d` without the flagged pairs, and the scale's gradient
+    :math:`\\sum U` (over every pair); ``None`` for what is not asked for."""
+    if not (columns or by_row):
+        return None, None, None
+    u = torch.mul(v, d)
+    colsum = u.sum(dim=0) if columns else None
+    rowsum = u.sum(dim=1) if by_row else None
+    grad_s = _scale_gradient(colsum if colsum is not None else rowsum, scale, need_s)
+    if rows.numel():  # the flagged pairs' exact gradients are added separately
+        flagged = -u[rows, cols]
+        if colsum is not None:
+            colsum.index_put_((cols,), flagged, accumulate=True)
+        if rowsum is not None:
+            rowsum.index_put_((rows,), flagged, accumulate=True)
+    return colsum, rowsum, grad_s
+
+
+def _coefficients(t, dim: int, unit_other, floor_other: bool, u_sum, normal, inverse, s):
+    r"""Per column (``dim=0``) or row (``dim=1``): :math:`-\mathrm{inv}^2 \sum G \cos` for vectors above the
+    floor, :math:`-\mathrm{inv}^2 \sum G` at it, from :math:`T` (:math:`G = -sT`), the other side's
+    :math:`|\hat v|^2` and the sum of :math:`U` (None when only floor vectors need it)."""
+    t_sum = t.sum(dim=dim)
+    if u_sum is None:
+        return t_sum.mul_(inverse.square()).mul_(s)
+    weighted = torch.mv(t.t() if dim == 0 else t, unit_other) if floor_other else t_sum  # sum T |v^|^2
+    general = (t_sum + weighted).sub_(u_sum).mul_(0.5)  # |v^|^2 = 1 above the floor
+    return torch.where(normal, general, t_sum).mul_(inverse.square()).mul_(s)
+
+
+def _normalized_grad_x(k, x, prototypes, a, beta, row_sums: bool, x_normal):
+    r""":math:`K P + \beta x`; without ``row_sums``, :math:`\beta x` of the rows above the floor is the
+    projection of :math:`K P` on their tangent space (``beta`` then holds the floor rows' only, or None)."""
+    if row_sums:
+        grad_x = x * beta.unsqueeze(1)
+        return grad_x.addmm_(k, prototypes)
     grad_x = torch.mm(k, prototypes)
-    a_sq = a.square()
-    beta = (x * grad_x).sum(dim=1).mul_(a_sq).neg_()
-    if rowsum_t is not None:
-        beta = torch.where(x_normal, beta, rowsum_t * a_sq * s)
-    return grad_x.addcmul_(x, beta.unsqueeze(1))
-
-
-def _normalized_reference(x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """The plain differentiable expression; each row's nearest prototypes recomputed exactly (static shapes)."""
-    work = torch.promote_types(torch.promote_types(x.dtype, prototypes.dtype), torch.float32)
-    xw, pw = x.to(work), prototypes.to(work)
-    x_eps, p_eps = _norm_eps(x.dtype), _norm_eps(prototypes.dtype)
-    x_norm = safe_sqrt(xw.pow(2).sum(dim=1, keepdim=True))
-    p_norm = safe_sqrt(pw.pow(2).sum(dim=1))
-    # Normalise in the work dtype (the floor is not representable in float16), multiply in x's dtype.
-    unit_x = (xw / x_norm.clamp_min(x_eps)).to(x.dtype)
-    products = (unit_x @ prototypes.t()).to(work)
-    cosine = products / p_norm.clamp_min(p_eps).unsqueeze(0)
-    # |f^|^2: 1 above the floor, (|f| / eps)^2 below it (F.normalize's value, not only 0 or 1)
-    x_unit = (x_norm / x_norm.clamp_min(x_eps)).square()
-    p_unit = (p_norm / p_norm.clamp_min(p_eps)).square().unsqueeze(0)
-    d_sq = x_unit + p_unit - 2.0 * cosine
-    nearest, exact = _nearest_exact(xw, pw, d_sq, x_eps, p_eps, True)
-    return safe_sqrt(d_sq).scatter(1, nearest, exact)
+    projection = (x * grad_x).sum(dim=1).mul_(a.square()).neg_()
+    if beta is not None:
+        projection = torch.where(x_normal, projection, beta)
+    return grad_x.addcmul_(x, projection.unsqueeze(1))
 
 
 # ----------------------------------------------------------------------------------------------- dispatch

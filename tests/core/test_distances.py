@@ -354,12 +354,13 @@ def scaled_plain(kind, x, p, scale):
     return d if scale is None else scale * d
 
 
+@pytest.mark.parametrize("dim, classes", [(9, 5), (3, 12)])  # C < 3D: row sums; C >= 3D: tangent projection
 @pytest.mark.parametrize("scale", [None, "number", "tensor"])
 @pytest.mark.parametrize("kind", ["euclidean", "normalized", "dismax"])
-def test_scale_and_mean_inside_the_node_match_the_plain_expression(kind, scale):
-    x, p = randn(6, 9, seed=46), randn(5, 9, seed=47)
+def test_scale_and_mean_inside_the_node_match_the_plain_expression(kind, scale, dim, classes):
+    x, p = randn(6, dim, seed=46), randn(classes, dim, seed=47)
     x[0] = p[1] * (1.0 if kind == "euclidean" else 2.0) + 1e-4  # a flagged pair
-    x[2] = 0.0
+    x[2], x[3], p[4] = 0.0, 1e-13 * x[3], 1e-13 * p[4]  # a zero row, rows at the eps floor
     s = {"number": -1.7, "tensor": torch.tensor([-1.7], dtype=torch.float64, requires_grad=True)}.get(scale)
     x.requires_grad_(True)
     p.requires_grad_(True)
@@ -369,7 +370,7 @@ def test_scale_and_mean_inside_the_node_match_the_plain_expression(kind, scale):
     assert "Distances" in got.grad_fn.name()
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     inputs = (x, p) + ((s,) if scale == "tensor" else ())
-    upstream = randn(6, 5, seed=48)
+    upstream = randn(6, classes, seed=48)
     for g, w in zip(torch.autograd.grad(got, inputs, upstream), torch.autograd.grad(want, inputs, upstream)):
         assert g.shape == w.shape
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
