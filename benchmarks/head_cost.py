@@ -19,11 +19,14 @@ What is measured:
   logits (entropic scale included) from one call of the distance function with ``scale`` (and
   ``add_mean`` for DisMax), the one-line change proposed for ``heads.py``.
 * **100k classes**: head + loss at (64, 2048, 100000) vs ``nn.Linear`` + ``F.cross_entropy``: time as above
-  and the **peak memory** of one step, measured in a fresh process per variant after a warm-up step, with
-  the gradients released: the peak, during the step, of the bytes held by torch's CPU allocator above what
-  was held when it started (``torch.profiler`` memory events). The loss is the library's (``isomax_loss``
-  / ``dismax_loss``) on the head's output as shipped, ``F.cross_entropy`` on the fused call's output (it
-  already carries the entropic scale, as the heads' training output does after the core API change).
+  and the **peak memory** of one step, after a warm-up step and with every gradient released: the peak,
+  during the step, of the bytes held by torch's CPU allocator above what was held when it started
+  (``torch.profiler`` memory events carry the allocator's running total, so the variants can be measured one
+  after the other in one process). It counts outputs, saved tensors, temporaries and gradients, not the
+  parameters or the inputs, nor scratch memory MKL allocates outside torch. The loss is the library's
+  (``isomax_loss`` / ``dismax_loss``) on the head's output as shipped, ``F.cross_entropy`` on the fused
+  call's output (it already carries the entropic scale, as the heads' training output does after the core
+  API change).
 
 Timing: process CPU time (``time.process_time``) with ``torch.set_num_threads(1)``, which other load on a
 shared machine disturbs far less than wall time; all variants of a shape run in one process, interleaved
@@ -35,11 +38,11 @@ matrix (Linear's weight), so memory stays at one C x D parameter and one gradien
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -83,17 +86,24 @@ def shipped_loss(head: nn.Module, logits: torch.Tensor, labels: torch.Tensor) ->
     return (dp.dismax_loss if isinstance(head, DisMaxHead) else dp.isomax_loss)(logits, labels)
 
 
-def build(dim: int, classes: int, seed: int = 0) -> tuple[nn.Linear, dict[str, nn.Module]]:
-    """``nn.Linear`` and one head of each kind, all sharing Linear's weight as their prototypes."""
+def build(dim: int, classes: int, names=tuple(HEADS), seed: int = 0) -> tuple[nn.Linear, dict[str, nn.Module]]:
+    """``nn.Linear`` and the heads ``names``, all sharing Linear's weight (drawn from N(0, 1)) as prototypes.
+
+    Nothing else of C x D size is initialised: the heads are built on the meta device and get their small
+    state (scales, temperature, calibration buffers) from a two-class twin."""
     torch.manual_seed(seed)
-    linear = nn.Linear(dim, classes)
-    heads = {}
-    for name, cls in HEADS.items():
-        head = cls(dim, classes).train()
-        setattr(head, _weight_name(head), linear.weight)  # N(0, 1)-like is not needed: only the cost matters
-        heads[name] = head
+    linear = torch.nn.utils.skip_init(nn.Linear, dim, classes)
     with torch.no_grad():
         linear.weight.normal_()
+        linear.bias.zero_()
+    heads = {}
+    for name in names:
+        head = HEADS[name](dim, classes, device="meta").to_empty(device="cpu").train()
+        twin = HEADS[name](dim, 2).state_dict()
+        weight = _weight_name(head)
+        head.load_state_dict({k: v for k, v in twin.items() if not k.endswith(weight)}, strict=False)
+        setattr(head, weight, linear.weight)
+        heads[name] = head
     return linear, heads
 
 
@@ -166,8 +176,8 @@ def head_variants(batch: int, dim: int, classes: int, cases) -> dict:
     return steps
 
 
-def large_variants(batch: int, dim: int, classes: int) -> dict:
-    linear, heads = build(dim, classes)
+def large_variants(batch: int, dim: int, classes: int, names=tuple(HEADS)) -> dict:
+    linear, heads = build(dim, classes, names)
     x = features(batch, dim, linear.weight, "realistic", "")
     labels = torch.randint(0, classes, (batch,), generator=torch.Generator().manual_seed(3))
     steps = {"Linear": loss_step(linear, x, labels, "linear")}
@@ -179,10 +189,13 @@ def large_variants(batch: int, dim: int, classes: int) -> dict:
 
 # ------------------------------------------------------------------------------------------- memory
 def measure_memory(step) -> float:
-    """Peak torch-allocator bytes of one ``step`` above those held when it starts (run in a fresh process)."""
+    """Peak torch-allocator bytes of one ``step`` above those held when it starts, its gradients released
+    before (``torch.profiler`` memory events carry the allocator's running total)."""
     from torch.profiler import ProfilerActivity, profile
 
-    step()  # warm-up: lazy initialisation, the allocator's first requests
+    step()  # warm-up: lazy initialisation
+    _release(step)
+    gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     with tempfile.TemporaryDirectory() as tmp:
@@ -195,21 +208,14 @@ def measure_memory(step) -> float:
     return float(max(m["Total Allocated"] for m in memory) - start)
 
 
-def memory_in_subprocess(variant: str, config: tuple[int, int, int]) -> float:
-    command = [sys.executable, os.path.abspath(__file__), "--measure-memory", variant,
-               "--configs", ",".join(map(str, config))]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    for line in reversed(result.stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)["peak"]
-    raise RuntimeError(f"memory measurement of {variant} failed:\n{result.stderr[-2000:]}")
-
-
 def _release(step) -> None:
+    """Drop the gradients a step left (module parameters and the features)."""
     for cell in step.__closure__ or ():
         value = cell.cell_contents
         if isinstance(value, nn.Module):
             value.zero_grad(set_to_none=True)
+        elif isinstance(value, torch.Tensor) and value.requires_grad:
+            value.grad = None
 
 
 # ------------------------------------------------------------------------------------------- profile
@@ -283,12 +289,11 @@ def report_large(config, rounds: int, calls, memory: bool, verdicts: list) -> No
     samples = interleaved(steps, rounds)
     for step in steps.values():
         _release(step)
-    del steps
-    peaks = {name: memory_in_subprocess(name, config) for name in samples} if memory else {}
+    peaks = {name: measure_memory(step) for name, step in steps.items()} if memory else {}
     linear_ms = statistics.median(samples["Linear"]) * 1e3
     print(f"\n(B, D, C) = {config}, head + loss: nn.Linear + F.cross_entropy fwd+bwd {linear_ms:.0f} ms CPU; "
-          f"median of {rounds} interleaved rounds [IQR]; peak = torch-allocator peak of one step in a fresh "
-          "process above the bytes held before it\n")
+          f"median of {rounds} interleaved rounds [IQR]; peak = torch-allocator peak of one step above the bytes "
+          "held before it (gradients released)\n")
     print("| variant | time ratio | peak MiB | memory ratio |")
     print("|---|---|---|---|")
     for name in samples:
@@ -314,16 +319,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rounds; no worst case at C=21841")
     parser.add_argument("--configs", nargs="+", default=None, help="B,D,C triples for the head table")
     parser.add_argument("--no-large", action="store_true", help="skip the 100k-class head + loss table")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--profile", metavar="B,D,C", help="print where the time goes at this shape and exit")
-    parser.add_argument("--measure-memory", metavar="VARIANT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     configs = [tuple(int(v) for v in c.split(",")) for c in args.configs] if args.configs else list(CONFIGS)
-    if args.measure_memory:
-        step = large_variants(*configs[0])[args.measure_memory]
-        print(json.dumps({"peak": measure_memory(step)}))
-        return 0
     if args.profile:
         config = tuple(int(v) for v in args.profile.split(","))
         steps = head_variants(*config, ("realistic",))

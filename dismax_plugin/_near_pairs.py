@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["NORM_EPS", "add_exact_gradients", "exact_dtype", "flags", "root_and_recompute"]
+__all__ = ["NORM_EPS", "add_pair_gradients", "exact_differences", "exact_dtype", "flags", "root_and_recompute"]
 
 NORM_EPS = 1e-12  # same floor as torch.nn.functional.normalize
 _CHUNK_ELEMENTS = 1 << 19  # elements of one float64 work buffer (4 MiB)
+_KEEP_ELEMENTS = 1 << 24  # the differences e of at most this many elements are kept for the backward (64 MiB)
 
 
 def exact_dtype(device: torch.device) -> torch.dtype:
@@ -43,51 +44,49 @@ def _chunks(count: int, dim: int):
     return (slice(start, start + step) for start in range(0, count, step))
 
 
-def _unit_rows(v: torch.Tensor, work: torch.dtype):
-    """``(v / max(|v|, eps), 1 / max(|v|, eps), |v| > eps)`` of gathered rows, in ``work``."""
-    v = v.to(work)
-    norm = torch.linalg.vector_norm(v, dim=1, keepdim=True)
-    inverse = norm.clamp_min(NORM_EPS).reciprocal_()
-    return v * inverse, inverse, norm > NORM_EPS
+def _unit_rows(v: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """``v / max(|v|, eps)`` of gathered rows, in ``work`` (float64), in place of the converted copy."""
+    v = v.to(work, copy=True)
+    return v.mul_(torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min_(NORM_EPS).reciprocal_())
 
 
-def _pair_differences(x, prototypes, rows, cols, part, normalized: bool):
-    """Explicit differences ``e`` (K' x D, float64) of one chunk of pairs and the rows' unit data."""
+def exact_differences(x, prototypes, rows, cols, normalized: bool, keep: bool):
+    r"""Exact distances :math:`d_k` (K, ``x.dtype``) of the flagged pairs from their explicit differences
+    :math:`e_k = f - p` or :math:`\hat f - \hat p`, evaluated in float64 in chunks of pairs, and :math:`e`
+    itself (K x D, ``x.dtype``) when ``keep`` and it is not larger than :data:`_KEEP_ELEMENTS` (else None:
+    :func:`add_pair_gradients` recomputes it)."""
+    count, dim = rows.numel(), x.shape[1]
     work = exact_dtype(x.device)
-    xr, pc = x.index_select(0, rows[part]), prototypes.index_select(0, cols[part])
-    if not normalized:
-        return xr.to(work) - pc.to(work), None
-    xh, a, x_normal = _unit_rows(xr, work)
-    ph, q, p_normal = _unit_rows(pc, work)
-    return xh - ph, (xh, a, x_normal, ph, q, p_normal)
-
-
-def _exact_values(x, prototypes, rows, cols, normalized: bool) -> torch.Tensor:
-    """Distances of the flagged pairs from their explicit differences (float64), cast to ``x.dtype``."""
-    exact = torch.empty(rows.numel(), dtype=x.dtype, device=x.device)
-    for part in _chunks(rows.numel(), x.shape[1]):
-        e, _ = _pair_differences(x, prototypes, rows, cols, part, normalized)
+    keep = keep and count * dim <= _KEEP_ELEMENTS
+    exact = torch.empty(count, dtype=x.dtype, device=x.device)
+    kept = torch.empty(count, dim, dtype=x.dtype, device=x.device) if keep else None
+    for part in _chunks(count, dim):
+        xr, pc = x.index_select(0, rows[part]), prototypes.index_select(0, cols[part])
+        if normalized:
+            e = _unit_rows(xr, work).sub_(_unit_rows(pc, work))
+        else:
+            e = xr.to(work, copy=True).sub_(pc.to(work))
         exact[part] = torch.linalg.vector_norm(e, dim=1)
-    return exact
+        if kept is not None:
+            kept[part] = e
+    return exact, kept
 
 
-def add_exact_gradients(x, prototypes, rows, cols, upstream, grad_x, grad_p, normalized: bool) -> None:
-    r"""Add the flagged pairs' gradients ``upstream_k * dd_k/dx``, ``... dd_k/dp`` (from the explicit
-    differences, float64) into ``grad_x`` / ``grad_p`` (either may be None); 0 where ``d = 0``."""
+def add_pair_gradients(grads, indices, weights, kept, x, prototypes, rows, cols, normalized: bool) -> None:
+    r"""``grad.index_add_(0, index, weight[:, None] * e)`` for each (grad, index, weight) with a grad (not
+    None); ``e`` (K x D) as kept by :func:`exact_differences`, else recomputed in chunks."""
+    jobs = [(g, i, w) for g, i, w in zip(grads, indices, weights) if g is not None]
+    if not jobs:
+        return
+    if kept is not None:
+        for grad, index, weight in jobs:
+            grad.index_add_(0, index, kept * weight.unsqueeze(1))
+        return
     for part in _chunks(rows.numel(), x.shape[1]):
-        e, unit = _pair_differences(x, prototypes, rows, cols, part, normalized)
-        d = torch.linalg.vector_norm(e, dim=1, keepdim=True)
-        k = (upstream[part].unsqueeze(1).to(e.dtype) / d).masked_fill_(d == 0, 0.0)
-        if unit is None:
-            gx, gp = e * k, e * -k
-        else:  # tangent projections; the scale of a row at the eps floor is constant
-            xh, a, x_normal, ph, q, p_normal = unit
-            gx = (e - xh * ((xh * e).sum(1, keepdim=True) * x_normal)).mul_(k * a)
-            gp = (e - ph * ((ph * e).sum(1, keepdim=True) * p_normal)).mul_(k * -q)
-        if grad_x is not None:
-            grad_x.index_add_(0, rows[part], gx.to(grad_x.dtype))
-        if grad_p is not None:
-            grad_p.index_add_(0, cols[part], gp.to(grad_p.dtype))
+        sub = rows[part], cols[part]
+        _, e = exact_differences(x, prototypes, *sub, normalized, keep=True)
+        for grad, index, weight in jobs:
+            grad.index_add_(0, index[part], e * weight[part].unsqueeze(1))
 
 
 def flags(d_sq: torch.Tensor, quick_bound, *extra: torch.Tensor) -> list:
@@ -98,11 +97,13 @@ def flags(d_sq: torch.Tensor, quick_bound, *extra: torch.Tensor) -> list:
     return torch.stack((near, *extra)).tolist() if extra else [bool(near)]
 
 
-def root_and_recompute(d, x, prototypes, near: torch.Tensor | None, normalized: bool):
+def root_and_recompute(d, x, prototypes, near: torch.Tensor | None, normalized: bool, keep: bool):
     """``d`` holds d^2: take square roots, overwrite the entries flagged by the mask ``near`` (None: none)
-    with their exact values; return the flagged pairs' indices."""
+    with their exact values; return the flagged pairs' indices and their differences (see
+    :func:`exact_differences`; None when not kept)."""
     rows, cols = _no_pairs(d.device) if near is None else _pair_indices(near)
     d.sqrt_()  # negative squares are always flagged (the bounds are >= 0) and overwritten below
+    kept = None
     if rows.numel():
-        d[rows, cols] = _exact_values(x, prototypes, rows, cols, normalized)
-    return rows, cols
+        d[rows, cols], kept = exact_differences(x, prototypes, rows, cols, normalized, keep)
+    return rows, cols, kept

@@ -29,16 +29,17 @@ def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
 
 
-def scaled(d: torch.Tensor, scale: torch.Tensor | None, add_mean: bool, inplace: bool) -> torch.Tensor:
-    """``scale * (d + mean_j d)`` (``add_mean``) or ``scale * d``; ``scale`` a one-element tensor or None."""
+def scaled(d: torch.Tensor, scale: torch.Tensor | float | None, add_mean: bool, inplace: bool) -> torch.Tensor:
+    """``scale * (d + mean_j d)`` (``add_mean``) or ``scale * d``; ``scale`` a number, a one-element tensor or
+    None; ``inplace``: ``d`` may be overwritten."""
     if add_mean:
         mean = d.mean(dim=1, keepdim=True)
-        if scale is None:
-            return d.add_(mean) if inplace else d + mean
-        scale = scale.to(d.dtype)
-        return d.add_(mean).mul_(scale) if inplace else torch.addcmul(mean * scale, d, scale)
+        d = d.add_(mean) if inplace else d + mean
+        inplace = True  # a new tensor now, or d itself
     if scale is None:
         return d
+    if isinstance(scale, float):
+        return d.mul_(scale) if inplace else d * scale
     scale = scale.to(d.dtype)
     return d.mul_(scale) if inplace else d * scale
 

@@ -63,7 +63,7 @@ from __future__ import annotations
 import torch
 
 from ._near_pairs import NORM_EPS as _NORM_EPS
-from ._near_pairs import add_exact_gradients as _add_exact_gradients
+from ._near_pairs import add_pair_gradients as _add_pair_gradients
 from ._near_pairs import flags as _flags
 from ._near_pairs import root_and_recompute as _root_and_recompute
 from ._static_distances import euclidean_reference as _euclidean_reference
@@ -75,6 +75,7 @@ __all__ = ["euclidean_distances", "normalized_distances", "safe_sqrt"]
 
 _NEAR = 1e-2  # recompute d exactly where d^2 <= _NEAR * (|f|^2 + |p|^2): the expansion cancels there
 _FUSED_DTYPES = (torch.float32, torch.float64)
+_BLOCK_ELEMENTS = 1 << 16  # B x C work of the backward in row blocks of ~256 KiB (float32): cache-resident
 
 
 def _row_norms(v: torch.Tensor) -> torch.Tensor:
@@ -83,7 +84,7 @@ def _row_norms(v: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- Euclidean
-def _euclidean_kernel(x: torch.Tensor, prototypes: torch.Tensor):
+def _euclidean_kernel(x: torch.Tensor, prototypes: torch.Tensor, keep: bool = False):
     r"""Distances :math:`B \times C`, the flagged pairs recomputed exactly, and those pairs' indices."""
     x_sq = _row_norms(x).square_()
     p_sq = _row_norms(prototypes).square_()
@@ -91,8 +92,7 @@ def _euclidean_kernel(x: torch.Tensor, prototypes: torch.Tensor):
     d.addmm_(x, prototypes.t(), alpha=-2.0)
     (any_near,) = _flags(d, _NEAR * (x_sq.max() + p_sq.max()) if d.numel() else 0.0)
     near = d <= torch.add(x_sq.unsqueeze(1), p_sq).mul_(_NEAR) if any_near else None
-    rows, cols = _root_and_recompute(d, x, prototypes, near, normalized=False)
-    return d, (rows, cols)
+    return d, _root_and_recompute(d, x, prototypes, near, normalized=False, keep=keep)
 
 
 def _save(ctx, out: torch.Tensor, d: torch.Tensor, *tensors) -> None:
@@ -146,22 +146,22 @@ class _EuclideanDistances(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, prototypes: torch.Tensor, scale: torch.Tensor | None = None):
-        d, (rows, cols) = _euclidean_kernel(x, prototypes)
+        d, pairs = _euclidean_kernel(x, prototypes, keep=True)
         out = _scaled(d, scale, False, inplace=False)
-        _save(ctx, out, d, x, prototypes, scale, rows, cols)
+        _save(ctx, out, d, x, prototypes, scale, *pairs)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain expression instead
             return _reference_backward(ctx, grad, _euclidean_reference, False)
-        x, prototypes, scale, rows, cols = ctx.saved_tensors[:5]
+        x, prototypes, scale, rows, cols, kept = ctx.saved_tensors[:6]
         need_x, need_p, need_s = _needed(ctx)
         d, own = _take_distances(ctx, _euclidean_kernel, x, prototypes)
         s = 1.0 if scale is None else scale.to(d.dtype)
         grad_s = _scale_gradient(torch.mul(grad, d), scale, True) if need_s else None
         flagged = rows.numel() > 0
-        upstream = grad[rows, cols] * s if flagged else None
+        weight = _per_distance(grad[rows, cols] * s, d[rows, cols]) if flagged else None  # s g / d
         h = torch.div(grad, d, out=d) if own else torch.div(grad, d)
         if flagged:
             h[rows, cols] = 0.0
@@ -174,13 +174,14 @@ class _EuclideanDistances(torch.autograd.Function):
         if need_p:
             grad_p = prototypes * h.sum(dim=0).unsqueeze(1)
             grad_p.addmm_(h.t(), x, alpha=-1.0)
-        if flagged:
-            _add_exact_gradients(x, prototypes, rows, cols, upstream, grad_x, grad_p, normalized=False)
+        if flagged:  # the flagged pairs: +- s g e / d from their exact differences e = x - p
+            _add_pair_gradients((grad_x, grad_p), (rows, cols), (weight, -weight), kept, x, prototypes, rows, cols,
+                                normalized=False)
         return grad_x, grad_p, grad_s
 
 
 # ----------------------------------------------------------------------------------------------- normalised
-def _normalized_kernel(x: torch.Tensor, prototypes: torch.Tensor):
+def _normalized_kernel(x: torch.Tensor, prototypes: torch.Tensor, keep: bool = False):
     r"""Normalised distances :math:`B \times C` (flagged pairs exact) and what the backward needs."""
     x_norm, p_norm = _row_norms(x), _row_norms(prototypes)
     a = x_norm.clamp_min(_NORM_EPS).reciprocal_()
@@ -190,13 +191,12 @@ def _normalized_kernel(x: torch.Tensor, prototypes: torch.Tensor):
     ux = (x_norm * a).square_().masked_fill_(x_normal, 1.0)
     up = (p_norm * q).square_().masked_fill_(p_normal, 1.0)
     # d^2 = |f^|^2 + |p^|^2 - 2 q (a f.p), built in place in the buffer of the matrix product
-    d = torch.mm(x, prototypes.t()).mul_(q)
-    torch.addcmul(ux.unsqueeze(1), d, a.mul(-2.0).unsqueeze(1), out=d)
-    d.add_(up)
+    d = torch.mm(x, prototypes.t()).mul_(q).mul_(a.mul(-2.0).unsqueeze(1))
+    d.add_(ux.unsqueeze(1)).add_(up)
     # rows at or below the floor (|v^| < 1, zero rows included) need the general cosine in the backward
     any_near, floor_x, floor_p = _flags(d, 2.0 * _NEAR, (~x_normal).any(), (~p_normal).any())
-    rows, cols = _root_and_recompute(d, x, prototypes, d <= 2.0 * _NEAR if any_near else None, normalized=True)
-    return d, (a, q, ux, up, x_normal, p_normal, rows, cols), (floor_x, floor_p)
+    pairs = _root_and_recompute(d, x, prototypes, d <= 2.0 * _NEAR if any_near else None, True, keep)
+    return d, (a, q, ux, up, x_normal, p_normal, *pairs), (floor_x, floor_p)
 
 
 class _NormalizedDistances(torch.autograd.Function):
@@ -217,7 +217,7 @@ class _NormalizedDistances(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, prototypes, scale: torch.Tensor | None = None, add_mean: bool = False):
-        d, state, (ctx.floor_x, ctx.floor_p) = _normalized_kernel(x, prototypes)
+        d, state, (ctx.floor_x, ctx.floor_p) = _normalized_kernel(x, prototypes, keep=True)
         out = _scaled(d, scale, add_mean, inplace=False)
         ctx.add_mean = add_mean
         _save(ctx, out, d, x, prototypes, scale, *state)
@@ -227,79 +227,127 @@ class _NormalizedDistances(torch.autograd.Function):
     def backward(ctx, grad):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain expression instead
             return _reference_backward(ctx, grad, _normalized_reference, ctx.add_mean) + (None,)
-        x, prototypes, scale, a, q, ux, up, x_normal, p_normal, rows, cols = ctx.saved_tensors[:11]
+        x, prototypes, scale, a, q, ux, up, x_normal, p_normal, rows, cols, kept = ctx.saved_tensors[:12]
         need_x, need_p, need_s = _needed(ctx)
         d, own = _take_distances(ctx, _normalized_kernel, x, prototypes)
         s = 1.0 if scale is None else scale.to(d.dtype)
         row_sums = need_x and prototypes.shape[0] < 3 * prototypes.shape[1]  # else the tangent projection
-        v = torch.add(grad, grad.mean(dim=1, keepdim=True)) if ctx.add_mean else grad  # V
-        upstream = v[rows, cols] * s if rows.numel() else None
-        colsum_u, rowsum_u, grad_s = _u_sums(v, d, rows, cols, need_p or need_s, row_sums, scale, need_s)
+        floors = (ux if ctx.floor_x and need_p else None, up if ctx.floor_p and row_sums else None)
+        k, sums, pair_v, pair_d = _normalized_stage(grad, d, own, ctx.add_mean, rows, cols, a * -s, q, *floors)
+        del d
+        grad_s = _scale_gradient(sums["rowsum_u"].sum() + pair_v.mul(pair_d).sum(), scale, True) if need_s else None
         if not (need_x or need_p):
             return None, None, grad_s, None
-        if ctx.add_mean:  # T = V / d, in V's buffer, else in d's when it is private
-            t = v.div_(d)
-        else:
-            t = torch.div(grad, d, out=d) if own else torch.div(grad, d)
-        del d, v
-        if upstream is not None:
-            t[rows, cols] = 0.0
-        grad_p = None
-        if need_p:  # the part of the prototypes' gradient along themselves, before T becomes K
-            grad_p = prototypes * _coefficients(t, 0, ux, ctx.floor_x, colsum_u, p_normal, q, s).unsqueeze(1)
-        beta = None
+        pairs = None
+        if rows.numel():
+            pairs = _pair_terms(pair_v * s, pair_d, a[rows], q[cols], ux[rows], up[cols], x_normal[rows],
+                                p_normal[cols])
+        gamma = beta = grad_p = None
+        if need_p:  # the part of the prototypes' gradient along themselves
+            gamma = _coefficients(sums["colsum_t"], sums["t_ux"], sums["colsum_u"], p_normal, q, s)
+            gamma = gamma if pairs is None else gamma.index_add_(0, cols, pairs[3])
         if need_x and (row_sums or ctx.floor_x):
-            beta = _coefficients(t, 1, up, ctx.floor_p, rowsum_u, x_normal, a, s)
-        k = t.mul_((a * -s).unsqueeze(1)).mul_(q)  # K = a G q with G = -s T
-        grad_x = _normalized_grad_x(k, x, prototypes, a, beta, row_sums, x_normal) if need_x else None
-        if need_p:
+            beta = _coefficients(sums["rowsum_t"], sums["t_up"], sums["rowsum_u"] if row_sums else None, x_normal, a, s)
+        extra = None if pairs is None or not need_x else torch.zeros_like(a).index_add_(0, rows, pairs[2])
+        grad_x = _normalized_grad_x(k, x, prototypes, a, beta, row_sums, x_normal, extra) if need_x else None
+        if need_p:  # right after K P read the prototypes: gamma P while they are likely still in cache
+            grad_p = prototypes * gamma.unsqueeze(1)
             grad_p.addmm_(k.t(), x)
-        if upstream is not None:
-            _add_exact_gradients(x, prototypes, rows, cols, upstream, grad_x, grad_p, normalized=True)
+        if pairs is not None:  # the flagged pairs' e-parts, from their exact differences e = x^ - p^
+            _add_pair_gradients((grad_x, grad_p), (rows, cols), pairs[:2], kept, x, prototypes, rows, cols,
+                                normalized=True)
         return grad_x, grad_p, grad_s, None
 
 
-def _u_sums(v, d, rows, cols, columns: bool, by_row: bool, scale, need_s: bool):
-    """Column and row sums of :math:`U = V d` without the flagged pairs, and the scale's gradient
-    :math:`\\sum U` (over every pair); ``None`` for what is not asked for."""
-    if not (columns or by_row):
-        return None, None, None
-    u = torch.mul(v, d)
-    colsum = u.sum(dim=0) if columns else None
-    rowsum = u.sum(dim=1) if by_row else None
-    grad_s = _scale_gradient(colsum if colsum is not None else rowsum, scale, need_s)
-    if rows.numel():  # the flagged pairs' exact gradients are added separately
-        flagged = -u[rows, cols]
-        if colsum is not None:
-            colsum.index_put_((cols,), flagged, accumulate=True)
-        if rowsum is not None:
-            rowsum.index_put_((rows,), flagged, accumulate=True)
-    return colsum, rowsum, grad_s
+def _normalized_stage(grad, d, own: bool, add_mean: bool, rows, cols, row_scale, q, ux, up):
+    r"""The :math:`B \times C` part of the backward, in blocks of rows small enough to stay in cache:
+    :math:`V = g\,[+ \mathrm{rowmean}(g)]`, :math:`U = V d`, :math:`T = V / d` (0 at the flagged pairs), the
+    row and column sums of :math:`U` and :math:`T` (and :math:`T^\top |\hat x|^2`, :math:`T |\hat p|^2` where
+    ``ux`` / ``up`` are given: rows or prototypes at the eps floor), then :math:`K = \mathrm{row\_scale}\, T\, q`
+    in ``d``'s buffer (``own``) or a new one. Returns K, the sums, and V and d at the flagged pairs."""
+    batch, classes = d.shape
+    k = d if own else torch.empty_like(d)
+    step = max(1, _BLOCK_ELEMENTS // max(classes, 1))
+    zeros = d.new_zeros(classes)
+    sums = {"colsum_u": zeros, "colsum_t": zeros.clone(), "rowsum_u": d.new_empty(batch),
+            "rowsum_t": d.new_empty(batch), "t_ux": zeros.clone() if ux is not None else None,
+            "t_up": d.new_empty(batch) if up is not None else None}
+    pair_v, pair_d = d.new_empty(rows.numel()), d.new_empty(rows.numel())
+    bounds = torch.searchsorted(rows, torch.arange(0, batch + step, step, device=rows.device)).tolist() \
+        if rows.numel() else None  # rows are sorted: the flagged pairs of each block are one slice
+    for i, start in enumerate(range(0, batch, step)):
+        block = slice(start, start + step)
+        g, db, kb = grad[block], d[block], k[block]
+        v = torch.add(g, g.mean(dim=1, keepdim=True)) if add_mean else g
+        local = None
+        if bounds is not None and bounds[i + 1] > bounds[i]:
+            pairs = slice(bounds[i], bounds[i + 1])
+            local = (rows[pairs] - start, cols[pairs])
+            pair_v[pairs], pair_d[pairs] = v[local], db[local]
+        u = torch.mul(v, db)
+        if local is not None:  # the flagged pairs' gradients are added from their exact differences
+            u[local] = 0.0
+        sums["colsum_u"] += u.sum(dim=0)
+        sums["rowsum_u"][block] = u.sum(dim=1)
+        del u
+        torch.div(v, db, out=kb)  # T
+        if local is not None:
+            kb[local] = 0.0
+        sums["colsum_t"] += kb.sum(dim=0)
+        sums["rowsum_t"][block] = kb.sum(dim=1)
+        if ux is not None:
+            sums["t_ux"] += torch.mv(kb.t(), ux[block])
+        if up is not None:
+            sums["t_up"][block] = torch.mv(kb, up)
+        kb.mul_(row_scale[block].unsqueeze(1)).mul_(q)  # K = a G q with G = -s T
+    sums["t_ux"] = sums["colsum_t"] if ux is None else sums["t_ux"]
+    sums["t_up"] = sums["rowsum_t"] if up is None else sums["t_up"]
+    return k, sums, pair_v, pair_d
 
 
-def _coefficients(t, dim: int, unit_other, floor_other: bool, u_sum, normal, inverse, s):
-    r"""Per column (``dim=0``) or row (``dim=1``): :math:`-\mathrm{inv}^2 \sum G \cos` for vectors above the
-    floor, :math:`-\mathrm{inv}^2 \sum G` at it, from :math:`T` (:math:`G = -sT`), the other side's
-    :math:`|\hat v|^2` and the sum of :math:`U` (None when only floor vectors need it)."""
-    t_sum = t.sum(dim=dim)
+def _coefficients(t_sum, weighted, u_sum, normal, inverse, s):
+    r"""Per column or row, from the sums of :math:`T` (:math:`G = -sT`), of :math:`T |\hat v|^2` over the other
+    side and of :math:`U`: :math:`-\mathrm{inv}^2 \sum G \cos` for vectors above the floor,
+    :math:`-\mathrm{inv}^2 \sum G` at it (only those when ``u_sum`` is None)."""
     if u_sum is None:
-        return t_sum.mul_(inverse.square()).mul_(s)
-    weighted = torch.mv(t.t() if dim == 0 else t, unit_other) if floor_other else t_sum  # sum T |v^|^2
+        return (t_sum * inverse.square()).mul_(s)
     general = (t_sum + weighted).sub_(u_sum).mul_(0.5)  # |v^|^2 = 1 above the floor
     return torch.where(normal, general, t_sum).mul_(inverse.square()).mul_(s)
 
 
-def _normalized_grad_x(k, x, prototypes, a, beta, row_sums: bool, x_normal):
-    r""":math:`K P + \beta x`; without ``row_sums``, :math:`\beta x` of the rows above the floor is the
-    projection of :math:`K P` on their tangent space (``beta`` then holds the floor rows' only, or None)."""
+def _normalized_grad_x(k, x, prototypes, a, beta, row_sums: bool, x_normal, extra):
+    r""":math:`K P + (\beta + \mathrm{extra})\, x`; without ``row_sums``, :math:`\beta x` of the rows above the
+    floor is the projection of :math:`K P` on their tangent space (``beta`` then holds the floor rows' only, or
+    None). ``extra``: the flagged pairs' part along :math:`x` (or None)."""
     if row_sums:
-        grad_x = x * beta.unsqueeze(1)
+        grad_x = x * (beta if extra is None else beta + extra).unsqueeze(1)
         return grad_x.addmm_(k, prototypes)
     grad_x = torch.mm(k, prototypes)
     projection = (x * grad_x).sum(dim=1).mul_(a.square()).neg_()
     if beta is not None:
         projection = torch.where(x_normal, projection, beta)
+    if extra is not None:
+        projection = projection + extra
     return grad_x.addcmul_(x, projection.unsqueeze(1))
+
+
+def _per_distance(upstream: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``upstream / d``, 0 where ``d = 0`` (the subgradient 0 of a norm at 0)."""
+    return torch.where(d > 0, upstream / d, torch.zeros_like(d))
+
+
+def _pair_terms(upstream, d, a, q, ux, up, x_normal, p_normal):
+    r"""Gradient terms of the K flagged pairs (``upstream`` :math:`= s V`, exact ``d``, and the pairs' row and
+    column data): the weights of :math:`e` for :math:`\nabla_x` (:math:`a\,g/d`) and :math:`\nabla_P`
+    (:math:`-q\,g/d`), and the parts along :math:`x` and :math:`p`, :math:`-a^2 (g/d)\,\hat x \cdot e` and
+    :math:`q^2 (g/d)\,\hat p \cdot e` with :math:`\hat x \cdot e = (d^2 + |\hat x|^2 - |\hat p|^2)/2`,
+    :math:`\hat p \cdot e = (|\hat x|^2 - |\hat p|^2 - d^2)/2` (none for vectors at the eps floor)."""
+    k = _per_distance(upstream, d)
+    d_sq = d.square()
+    unit_gap = ux - up  # first: 1 + d^2 would round d^2 away in float32
+    along_x = (unit_gap + d_sq).mul_(a.square() * k * -0.5) * x_normal
+    along_p = (unit_gap - d_sq).mul_(q.square() * k * 0.5) * p_normal
+    return k * a, k * -q, along_x, along_p
 
 
 # ----------------------------------------------------------------------------------------------- dispatch
@@ -346,7 +394,7 @@ def _dispatch(function, kernel, reference, x, prototypes, scale, add_mean: bool)
 
 
 def euclidean_distances(
-    features: torch.Tensor, prototypes: torch.Tensor, scale: torch.Tensor | None = None
+    features: torch.Tensor, prototypes: torch.Tensor, scale: torch.Tensor | float | None = None
 ) -> torch.Tensor:
     r"""Euclidean distances :math:`s\,\lVert f_b - p_j \rVert`.
 
@@ -367,7 +415,10 @@ def euclidean_distances(
 
 
 def normalized_distances(
-    features: torch.Tensor, prototypes: torch.Tensor, scale: torch.Tensor | None = None, add_mean: bool = False
+    features: torch.Tensor,
+    prototypes: torch.Tensor,
+    scale: torch.Tensor | float | None = None,
+    add_mean: bool = False,
 ) -> torch.Tensor:
     r"""Distances between L2-normalised vectors, :math:`u_{bj} = \lVert \hat f_b - \hat p_j \rVert \in [0, 2]`,
     times ``scale``; with ``add_mean`` (DisMax) :math:`s\,(u_{bj} + \frac1C \sum_k u_{bk})`.
