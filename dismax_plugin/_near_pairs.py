@@ -11,7 +11,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["NORM_EPS", "add_pair_gradients", "exact_differences", "exact_dtype", "flags", "root_and_recompute"]
+__all__ = [
+    "NORM_EPS",
+    "add_pair_gradients",
+    "exact_differences",
+    "exact_dtype",
+    "flags",
+    "pair_terms",
+    "per_distance",
+    "root_and_recompute",
+]
 
 NORM_EPS = 1e-12  # same floor as torch.nn.functional.normalize
 _CHUNK_ELEMENTS = 1 << 19  # elements of one float64 work buffer (4 MiB)
@@ -107,3 +116,22 @@ def root_and_recompute(d, x, prototypes, near: torch.Tensor | None, normalized: 
     if rows.numel():
         d[rows, cols], kept = exact_differences(x, prototypes, rows, cols, normalized, keep)
     return rows, cols, kept
+
+
+def per_distance(upstream: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``upstream / d``, 0 where ``d = 0`` (the subgradient 0 of a norm at 0)."""
+    return torch.where(d > 0, upstream / d, torch.zeros_like(d))
+
+
+def pair_terms(upstream, d, a, q, ux, up, x_normal, p_normal):
+    r"""Gradient terms of the K flagged pairs (``upstream`` :math:`= s V`, exact ``d``, and the pairs' row and
+    column data): the weights of :math:`e` for :math:`\nabla_x` (:math:`a\,g/d`) and :math:`\nabla_P`
+    (:math:`-q\,g/d`), and the parts along :math:`x` and :math:`p`, :math:`-a^2 (g/d)\,\hat x \cdot e` and
+    :math:`q^2 (g/d)\,\hat p \cdot e` with :math:`\hat x \cdot e = (d^2 + |\hat x|^2 - |\hat p|^2)/2`,
+    :math:`\hat p \cdot e = (|\hat x|^2 - |\hat p|^2 - d^2)/2` (none for vectors at the eps floor)."""
+    k = per_distance(upstream, d)
+    d_sq = d.square()
+    unit_gap = ux - up  # first: 1 + d^2 would round d^2 away in float32
+    along_x = (unit_gap + d_sq).mul_(a.square() * k * -0.5) * x_normal
+    along_p = (unit_gap - d_sq).mul_(q.square() * k * 0.5) * p_normal
+    return k * a, k * -q, along_x, along_p

@@ -65,6 +65,8 @@ import torch
 from ._near_pairs import NORM_EPS as _NORM_EPS
 from ._near_pairs import add_pair_gradients as _add_pair_gradients
 from ._near_pairs import flags as _flags
+from ._near_pairs import pair_terms as _pair_terms
+from ._near_pairs import per_distance as _per_distance
 from ._near_pairs import root_and_recompute as _root_and_recompute
 from ._static_distances import euclidean_reference as _euclidean_reference
 from ._static_distances import normalized_reference as _normalized_reference
@@ -95,12 +97,22 @@ def _euclidean_kernel(x: torch.Tensor, prototypes: torch.Tensor, keep: bool = Fa
     return d, _root_and_recompute(d, x, prototypes, near, normalized=False, keep=keep)
 
 
-def _save(ctx, out: torch.Tensor, d: torch.Tensor, *tensors) -> None:
-    """Save ``tensors`` and the distances; distances that are not the output stay private to the node (the
-    backward may reuse their buffer), the output is saved as such (no reference cycle)."""
+def _save(ctx, out: torch.Tensor, d: torch.Tensor, x, prototypes, scale, *tensors) -> None:
+    """Save the inputs, ``tensors`` and the distances; distances that are not the output stay private to the
+    node (the backward may reuse their buffer), the output is saved as such (no reference cycle); a number
+    ``scale`` is kept on ``ctx``."""
     ctx.d_is_output = out is d
     ctx.d = None if ctx.d_is_output else d
-    ctx.save_for_backward(*tensors, *((d,) if ctx.d_is_output else ()))
+    ctx.number = scale if isinstance(scale, float) else None
+    scale = None if ctx.number is not None else scale
+    ctx.save_for_backward(x, prototypes, scale, *tensors, *((d,) if ctx.d_is_output else ()))
+
+
+def _scale_of(ctx, scale, dtype: torch.dtype):
+    """The factor of the node as a number or a tensor of ``dtype`` (1.0 without one)."""
+    if ctx.number is not None:
+        return ctx.number
+    return 1.0 if scale is None else scale.to(dtype)
 
 
 def _take_distances(ctx, kernel, x, prototypes) -> tuple[torch.Tensor, bool]:
@@ -118,7 +130,7 @@ def _reference_backward(ctx, grad, reference, add_mean: bool):
     x, prototypes, scale = ctx.saved_tensors[:3]
     needed = _needed(ctx)
     inputs = [t for t, need in zip((x, prototypes, scale), needed) if need]
-    out = _scaled(reference(x, prototypes), scale, add_mean, inplace=False)
+    out = _scaled(reference(x, prototypes), ctx.number if scale is None else scale, add_mean, inplace=False)
     grads = iter(torch.autograd.grad(out, inputs, grad, create_graph=True))
     return tuple(next(grads) if need else None for need in needed)
 
@@ -145,7 +157,7 @@ class _EuclideanDistances(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, prototypes: torch.Tensor, scale: torch.Tensor | None = None):
+    def forward(ctx, x: torch.Tensor, prototypes: torch.Tensor, scale: torch.Tensor | float | None = None):
         d, pairs = _euclidean_kernel(x, prototypes, keep=True)
         out = _scaled(d, scale, False, inplace=False)
         _save(ctx, out, d, x, prototypes, scale, *pairs)
@@ -158,22 +170,23 @@ class _EuclideanDistances(torch.autograd.Function):
         x, prototypes, scale, rows, cols, kept = ctx.saved_tensors[:6]
         need_x, need_p, need_s = _needed(ctx)
         d, own = _take_distances(ctx, _euclidean_kernel, x, prototypes)
-        s = 1.0 if scale is None else scale.to(d.dtype)
+        s = _scale_of(ctx, scale, d.dtype)
         grad_s = _scale_gradient(torch.mul(grad, d), scale, True) if need_s else None
         flagged = rows.numel() > 0
         weight = _per_distance(grad[rows, cols] * s, d[rows, cols]) if flagged else None  # s g / d
         h = torch.div(grad, d, out=d) if own else torch.div(grad, d)
         if flagged:
             h[rows, cols] = 0.0
-        if scale is not None:
+        alpha = s if isinstance(s, float) else 1.0  # a number goes into the products, a tensor into H
+        if not isinstance(s, float):
             h.mul_(s)
         grad_x = grad_p = None
         if need_x:
-            grad_x = x * h.sum(dim=1, keepdim=True)
-            grad_x.addmm_(h, prototypes, alpha=-1.0)
+            grad_x = x * h.sum(dim=1, keepdim=True).mul_(alpha)
+            grad_x.addmm_(h, prototypes, alpha=-alpha)
         if need_p:
-            grad_p = prototypes * h.sum(dim=0).unsqueeze(1)
-            grad_p.addmm_(h.t(), x, alpha=-1.0)
+            grad_p = prototypes * h.sum(dim=0).mul_(alpha).unsqueeze(1)
+            grad_p.addmm_(h.t(), x, alpha=-alpha)
         if flagged:  # the flagged pairs: +- s g e / d from their exact differences e = x - p
             _add_pair_gradients((grad_x, grad_p), (rows, cols), (weight, -weight), kept, x, prototypes, rows, cols,
                                 normalized=False)
@@ -216,7 +229,7 @@ class _NormalizedDistances(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, prototypes, scale: torch.Tensor | None = None, add_mean: bool = False):
+    def forward(ctx, x, prototypes, scale: torch.Tensor | float | None = None, add_mean: bool = False):
         d, state, (ctx.floor_x, ctx.floor_p) = _normalized_kernel(x, prototypes, keep=True)
         out = _scaled(d, scale, add_mean, inplace=False)
         ctx.add_mean = add_mean
@@ -230,7 +243,7 @@ class _NormalizedDistances(torch.autograd.Function):
         x, prototypes, scale, a, q, ux, up, x_normal, p_normal, rows, cols, kept = ctx.saved_tensors[:12]
         need_x, need_p, need_s = _needed(ctx)
         d, own = _take_distances(ctx, _normalized_kernel, x, prototypes)
-        s = 1.0 if scale is None else scale.to(d.dtype)
+        s = _scale_of(ctx, scale, d.dtype)
         row_sums = need_x and prototypes.shape[0] < 3 * prototypes.shape[1]  # else the tangent projection
         floors = (ux if ctx.floor_x and need_p else None, up if ctx.floor_p and row_sums else None)
         k, sums, pair_v, pair_d = _normalized_stage(grad, d, own, ctx.add_mean, rows, cols, a * -s, q, *floors)
@@ -331,32 +344,13 @@ def _normalized_grad_x(k, x, prototypes, a, beta, row_sums: bool, x_normal, extr
     return grad_x.addcmul_(x, projection.unsqueeze(1))
 
 
-def _per_distance(upstream: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``upstream / d``, 0 where ``d = 0`` (the subgradient 0 of a norm at 0)."""
-    return torch.where(d > 0, upstream / d, torch.zeros_like(d))
-
-
-def _pair_terms(upstream, d, a, q, ux, up, x_normal, p_normal):
-    r"""Gradient terms of the K flagged pairs (``upstream`` :math:`= s V`, exact ``d``, and the pairs' row and
-    column data): the weights of :math:`e` for :math:`\nabla_x` (:math:`a\,g/d`) and :math:`\nabla_P`
-    (:math:`-q\,g/d`), and the parts along :math:`x` and :math:`p`, :math:`-a^2 (g/d)\,\hat x \cdot e` and
-    :math:`q^2 (g/d)\,\hat p \cdot e` with :math:`\hat x \cdot e = (d^2 + |\hat x|^2 - |\hat p|^2)/2`,
-    :math:`\hat p \cdot e = (|\hat x|^2 - |\hat p|^2 - d^2)/2` (none for vectors at the eps floor)."""
-    k = _per_distance(upstream, d)
-    d_sq = d.square()
-    unit_gap = ux - up  # first: 1 + d^2 would round d^2 away in float32
-    along_x = (unit_gap + d_sq).mul_(a.square() * k * -0.5) * x_normal
-    along_p = (unit_gap - d_sq).mul_(q.square() * k * 0.5) * p_normal
-    return k * a, k * -q, along_x, along_p
-
-
 # ----------------------------------------------------------------------------------------------- dispatch
 def _fused_ok(x: torch.Tensor, prototypes: torch.Tensor, scale: torch.Tensor | None) -> bool:
     # Eager, same float32/float64 dtype, no autocast: the fused kernels apply. Tracing, export, compile,
     # torch.func transforms, autocast and half precision get the plain differentiable expression.
     if x.dtype != prototypes.dtype or x.dtype not in _FUSED_DTYPES or x.device != prototypes.device:
         return False
-    if scale is not None and scale.device != x.device:
+    if isinstance(scale, torch.Tensor) and scale.device != x.device:
         return False
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
         return False
@@ -365,20 +359,19 @@ def _fused_ok(x: torch.Tensor, prototypes: torch.Tensor, scale: torch.Tensor | N
     return not torch.is_autocast_enabled(x.device.type)
 
 
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
-def _as_scale(scale, features: torch.Tensor) -> torch.Tensor | None:
-    """``None``, or ``scale`` as a one-element tensor (a number becomes one in at least float32)."""
+def _as_scale(scale) -> torch.Tensor | float | None:
+    """``None``, a one-element tensor or a number (as a float)."""
     if scale is None or isinstance(scale, torch.Tensor):
         if scale is not None and scale.numel() != 1:
             raise ValueError(f"scale must be a number or a one-element tensor; got shape {tuple(scale.shape)}.")
         return scale
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a number or a one-element tensor; got {type(scale).__name__}.")
-    dtype = torch.promote_types(features.dtype, torch.float32) if features.is_floating_point() else torch.float32
-    return torch.full((), float(scale), dtype=dtype, device=features.device)
+    return float(scale)
 
 
 def _dispatch(function, kernel, reference, x, prototypes, scale, add_mean: bool) -> torch.Tensor:
@@ -409,7 +402,7 @@ def euclidean_distances(
     if torch.jit.is_scripting():  # TorchScript compiles this branch only
         return _scaled(_euclidean_reference(features, prototypes), scale, False, False)
     else:
-        scale = _as_scale(scale, features)
+        scale = _as_scale(scale)
         return _dispatch(_EuclideanDistances, _euclidean_kernel, _euclidean_reference, features, prototypes,
                          scale, False)
 
@@ -437,6 +430,6 @@ def normalized_distances(
     if torch.jit.is_scripting():  # TorchScript compiles this branch only
         return _scaled(_normalized_reference(features, prototypes), scale, add_mean, False)
     else:
-        scale = _as_scale(scale, features)
+        scale = _as_scale(scale)
         return _dispatch(_NormalizedDistances, _normalized_kernel, _normalized_reference, features, prototypes,
                          scale, add_mean)
