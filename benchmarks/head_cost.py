@@ -68,12 +68,15 @@ def _weight_name(head: nn.Module) -> str:
 
 
 def fused_logits(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Training-mode logits (entropic scale included) from one distance call: the proposed heads.py line."""
+    """Training-mode logits (entropic scale included) from one distance call, exactly as the change proposed
+    for ``heads.py`` computes them (docs/notes/perf.md): a one-element float32 factor ``E`` folded into the
+    distance node's ``scale`` (with ``|s|`` and ``1/sqrt(2)``, and ``add_mean`` for DisMax)."""
     weight = getattr(head, _weight_name(head))
     entropic = float(getattr(head, "entropic_scale", ENTROPIC_SCALE))
+    factor = torch.full((1,), entropic, dtype=torch.float32, device=x.device)
     if isinstance(head, IsoMaxHead):
-        return euclidean_distances(x, weight, -entropic)
-    factor = head.distance_scale.abs() * -entropic
+        return euclidean_distances(x, weight, -factor)
+    factor = head.distance_scale.abs() * -factor
     if isinstance(head, DisMaxHead):
         return normalized_distances(x, weight, factor / math.sqrt(2.0), add_mean=True)
     return normalized_distances(x, weight, factor)

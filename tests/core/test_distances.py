@@ -440,3 +440,13 @@ def test_scale_as_a_number_or_a_tensor_under_torchscript(fn):
     scripted = torch.jit.script(fn)
     for scale in (-10.0, torch.tensor(-0.5)):
         torch.testing.assert_close(scripted(x, p, scale), fn(x, p, scale), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fn", [euclidean_distances, normalized_distances])
+def test_a_float32_scale_gives_float32_results_for_half_inputs(fn):
+    # the heads' training output: a float32 factor promotes float16/bfloat16 logits to float32
+    x, p = randn(4, 8, seed=57).half(), randn(3, 8, seed=58).half()
+    assert fn(x, p).dtype == torch.float16
+    assert fn(x, p, torch.full((1,), -10.0)).dtype == torch.float32
+    assert fn(x, p, torch.full((1,), -10.0, dtype=torch.float16)).dtype == torch.float16
+    assert fn(x.float(), p.float(), torch.full((1,), -10.0, dtype=torch.float64)).dtype == torch.float64
