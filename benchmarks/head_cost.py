@@ -332,6 +332,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rounds; no worst case at C=21841")
     parser.add_argument("--configs", nargs="+", default=None, help="B,D,C triples for the head table")
     parser.add_argument("--no-large", action="store_true", help="skip the 100k-class head + loss table")
+    parser.add_argument("--no-heads", action="store_true", help="skip the head tables (only the 100k classes)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--profile", metavar="B,D,C", help="print where the time goes at this shape and exit")
     args = parser.parse_args(argv)
@@ -345,7 +346,7 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, 1 intra-op thread, process CPU time; "
           f"realistic = features independent of the prototypes, worst = every feature on a prototype.")
     verdicts: list = []
-    for config in configs:
+    for config in [] if args.no_heads else configs:
         small = config[2] <= 5000
         cases = ("realistic", "worst") if small or not args.quick else ("realistic",)
         report_heads(config, (7 if args.quick else 21) if small else (3 if args.quick else 9), cases, verdicts)

@@ -81,7 +81,7 @@ __all__ = ["euclidean_distances", "normalized_distances", "safe_sqrt"]
 
 _NEAR = 1e-2  # recompute d exactly where d^2 <= _NEAR * (|f|^2 + |p|^2): the expansion cancels there
 _FUSED_DTYPES = (torch.float32, torch.float64)
-_BLOCK_ELEMENTS = 1 << 16  # B x C work of the backward in row blocks of ~256 KiB (float32): cache-resident
+_BLOCK_ELEMENTS = 1 << 16  # CPU: B x C work of the backward in row blocks of ~256 KiB (float32), cache-resident
 
 
 def _row_norms(v: torch.Tensor) -> torch.Tensor:
@@ -284,7 +284,8 @@ def _normalized_stage(grad, d, own: bool, add_mean: bool, rows, cols, row_scale,
     in ``d``'s buffer (``own``) or a new one. Returns K, the sums, and V and d at the flagged pairs."""
     batch, classes = d.shape
     k = d if own else torch.empty_like(d)
-    step = max(1, _BLOCK_ELEMENTS // max(classes, 1))
+    # blocks for the CPU's caches; an accelerator takes the whole matrix per kernel (no launch per block)
+    step = max(1, _BLOCK_ELEMENTS // max(classes, 1)) if d.device.type == "cpu" else max(batch, 1)
     zeros = d.new_zeros(classes)
     sums = {"colsum_u": zeros, "colsum_t": zeros.clone(), "rowsum_u": d.new_empty(batch),
             "rowsum_t": d.new_empty(batch), "t_ux": zeros.clone() if ux is not None else None,
