@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import dismax_plugin as dp  # noqa: E402
 from head_cost import interleaved, measure_memory, paired  # noqa: E402
+
+import dismax_plugin as dp  # noqa: E402
 
 SHAPE = (64, 21841)
 TARGET = 1.05
