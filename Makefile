@@ -24,12 +24,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# The documentation (docs/): HTML with warnings as errors and nitpicky references, then every example in it.
+# The documentation (docs/): HTML with warnings as errors and nitpicky references, then every example in it
+# (docs/build.py: sphinx-build -W --keep-going -n -b html, then -b doctest, in one process).
 DOCS_BUILD := docs/_build
-SPHINX := $(PY) -m sphinx -W --keep-going -n -q -d $(DOCS_BUILD)/doctrees
 docs: $(STAMP)
-	$(SPHINX) -b html docs $(DOCS_BUILD)/html
-	$(SPHINX) -b doctest docs $(DOCS_BUILD)/doctest
+	$(PY) docs/build.py $(DOCS_BUILD)
 	@echo "docs: $(DOCS_BUILD)/html/index.html"
 
 bench: $(STAMP)

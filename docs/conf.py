@@ -41,7 +41,6 @@ templates_path: list[str] = []
 # ---------------------------------------------------------------------------- HTML
 html_theme = "furo"
 html_title = f"dismax-plugin {release}"
-html_static_path = ["_static"]
 html_show_sourcelink = False
 pygments_style = "sphinx"
 pygments_dark_style = "monokai"

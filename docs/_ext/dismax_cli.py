@@ -4,7 +4,8 @@
 engine generates from its config dataclasses, :mod:`dismax_plugin.adapters.engine.config`) and writes one
 section per subcommand: its help, its usage line, and every option as a Sphinx ``.. option::`` (so pages can
 link ``:option:`dismax train --epochs```) with its help, default, choices and the config field it sets.
-Nothing about an option is written in the docs by hand, so the reference cannot disagree with ``--help``.
+Nothing about an option is written in the docs by hand, so the reference cannot disagree with ``--help``;
+and the config's dataclass fields, on the API page, are documented by the same ``metadata["help"]``.
 
 Options of the directive: ``:config:`` a module whose dataclasses the options come from (each option is
 matched to the field of the same name whose ``help`` its help text starts with); ``:subcommands:`` a comma
@@ -19,6 +20,7 @@ import dataclasses
 import importlib
 import re
 
+from docutils import nodes
 from docutils.parsers.rst import directives
 from docutils.statemachine import StringList
 from sphinx.util.docutils import SphinxDirective
@@ -142,31 +144,30 @@ class ArgparseReference(SphinxDirective):
         if fields:
             self.env.note_dependency(importlib.import_module(self.options["config"]).__file__)
         container = StringList(lines, source=f"<argparse-reference {self.arguments[0]}>")
-        from docutils import nodes
-
         section = nodes.section()
         nested_parse_with_titles(self.state, container, section)
         return section.children
 
 
-def _field_docstring(app, what, name, obj, options, lines) -> None:
-    """autodoc: a dataclass field is documented by its ``metadata["help"]`` (the text of ``--help``)."""
-    if what != "attribute":
+def _field_help(app, domain: str, objtype: str, content) -> None:
+    """A documented dataclass field of the config gets its ``metadata["help"]`` (the text of ``--help``)."""
+    if domain != "py" or objtype != "attribute" or len(content):
         return
-    owner_path, _, field_name = name.rpartition(".")
-    module_name, _, class_name = owner_path.rpartition(".")
+    signature = content.parent[0]
+    owner_path, _, field_name = signature.get("fullname", "").rpartition(".")
     try:
-        owner = getattr(importlib.import_module(module_name), class_name)
+        owner = getattr(importlib.import_module(signature.get("module", "")), owner_path)
     except (ImportError, AttributeError, ValueError):
         return
     if not (isinstance(owner, type) and dataclasses.is_dataclass(owner)):
         return
     for f in dataclasses.fields(owner):
         if f.name == field_name and f.metadata.get("help"):
-            lines[:] = [_text(f.metadata["help"][:1].upper() + f.metadata["help"][1:]) + "."]
+            text = f.metadata["help"] + "."  # as --help says it
+            content += nodes.paragraph(text, text)
 
 
 def setup(app):
     app.add_directive("argparse-reference", ArgparseReference)
-    app.connect("autodoc-process-docstring", _field_docstring)
+    app.connect("object-description-transform", _field_help)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
