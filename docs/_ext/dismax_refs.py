@@ -8,6 +8,8 @@ documented name only; this extension resolves the rest by *importing* the target
 * a target that imports to an object documented under another name links to that documentation;
 * a target that imports to a private object (a ``_name`` on its path, or a name its module's ``__all__``
   leaves out) that is not documented renders as plain text, without a warning: private code has no page;
+* names are looked up from the module the reference is in and, for a re-exported object's docstring, from the
+  module that defines it;
 * ``Class.method`` named from outside the class links to the one documented object of that name;
 * a target that does not import stays unresolved, so nitpicky mode still reports typos.
 
@@ -131,6 +133,18 @@ def _documented(app, env) -> _Documented:
     return cache
 
 
+def _docstring_module(node) -> str | None:
+    """The module that defines the docstring ``node`` comes from (autodoc's source ``...:docstring of X``),
+    which for a re-exported object is not the module it is documented in."""
+    while node is not None and not getattr(node, "source", None):
+        node = node.parent
+    source = getattr(node, "source", None) or ""
+    if ":docstring of " not in source:
+        return None
+    found = _import(source.rsplit(":docstring of ", 1)[1])
+    return found[1].__name__ if found is not None else None
+
+
 def _missing_reference(app, env, node, contnode):
     if node.get("refdomain") != "py":
         return None
@@ -142,7 +156,11 @@ def _missing_reference(app, env, node, contnode):
     domain = env.get_domain("py")
     if "/" in target and all(isinstance(getattr(builtins, part, None), type) for part in target.split("/")):
         return contnode  # ":raises ValueError/TypeError:": builtin exceptions, as Sphinx leaves them
-    for path in _candidates(target, node.get("py:module"), node.get("py:class")):
+    paths = _candidates(target, node.get("py:module"), node.get("py:class"))
+    defined_in = _docstring_module(node)
+    if defined_in and defined_in != node.get("py:module"):  # a re-exported object's docstring
+        paths += _candidates(target, defined_in, None)
+    for path in paths:
         found = _import(path)
         if found is None:
             continue
