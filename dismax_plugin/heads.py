@@ -105,8 +105,9 @@ class PrototypeHead(nn.Module):
         self.clear_calibration()
 
     # ---------------------------------------------------------------- forward
-    def _logits(self, features: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-        """Logits divided by ``temperature`` (a 0-d tensor); scalars are folded into one multiplication."""
+    def _logits(self, features: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """``factor * z`` (``factor`` a one-element tensor), the factor folded into the distance node, so that
+        the entropic scale or :math:`1/T` costs no pass over the :math:`B \times C` logits."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def distance_logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -114,14 +115,13 @@ class PrototypeHead(nn.Module):
         return self._logits(features, torch.ones_like(self.temperature))
 
     def _output(self, features: torch.Tensor) -> torch.Tensor:
-        """Training mode: :math:`E z` (float32 for half-precision logits); eval mode: :math:`z / T`."""
+        """Training mode: :math:`E z` (float32 for half-precision inputs); eval mode: :math:`z / T`."""
         if self.training:
-            logits = self._logits(features, torch.ones_like(self.temperature))
-            # a 1-element float32 factor (not a 0-d one) promotes float16/bfloat16 logits to float32, keeps
+            # a 1-element float32 factor (not a 0-d one) makes float16/bfloat16 logits float32, keeps
             # float32/float64, and needs no dtype test (which torch.fx could not trace)
-            scale = torch.full((1,), self.entropic_scale, dtype=torch.float32, device=logits.device)
-            return logits * scale
-        return self._logits(features, self.temperature)
+            factor = torch.full((1,), self.entropic_scale, dtype=torch.float32, device=features.device)
+            return self._logits(features, factor)
+        return self._logits(features, 1.0 / self.temperature)
 
     def _check_features(self, features) -> None:
         if not isinstance(features, torch.Tensor):
@@ -308,8 +308,8 @@ class IsoMaxHead(PrototypeHead):
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.weight)
 
-    def _logits(self, features: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-        return euclidean_distances(features, self.weight) * (-1.0 / temperature)
+    def _logits(self, features: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        return euclidean_distances(features, self.weight, -factor)
 
 
 class IsoMaxPlusHead(PrototypeHead):
@@ -338,11 +338,11 @@ class IsoMaxPlusHead(PrototypeHead):
         """:math:`|s|\\,\\lVert \\hat f - \\hat p_j \\rVert` [B, C]."""
         return self.distance_scale.abs() * normalized_distances(features, self.weight)
 
-    def _factor(self, temperature: torch.Tensor) -> torch.Tensor:
-        return self.distance_scale.abs() * (-1.0 / temperature)
+    def _factor(self, factor: torch.Tensor) -> torch.Tensor:
+        return self.distance_scale.abs() * -factor
 
-    def _logits(self, features: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-        return normalized_distances(features, self.weight) * self._factor(temperature)
+    def _logits(self, features: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        return normalized_distances(features, self.weight, self._factor(factor))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", distance_scale={float(self.distance_scale.detach().abs()):.4g}"
@@ -358,10 +358,10 @@ class DisMaxHead(IsoMaxPlusHead):
     kind = "dismax"
     default_score = "mps"  # chosen by benchmarks/digits_quality.py, see README
 
-    def _logits(self, features: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-        # -(d + mean d) with d = |s| u / sqrt(2), u the normalised distances: the scalars fold into one factor.
-        unit = normalized_distances(features, self.weight)
-        return (unit + unit.mean(dim=1, keepdim=True)) * (self._factor(temperature) / math.sqrt(2.0))
+    def _logits(self, features: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        # -(d + mean d) with d = |s| u / sqrt(2), u the normalised distances: the scalars fold into one factor
+        # and the mean is added inside the distance node.
+        return normalized_distances(features, self.weight, self._factor(factor) / math.sqrt(2.0), add_mean=True)
 
 
 def _is_tracing() -> bool:
