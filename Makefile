@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dismax-plugin-installed
 
-.PHONY: venv run test lint bench clean
+.PHONY: venv run test lint bench docs clean
 
 venv: $(STAMP)
 
@@ -24,9 +24,16 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# The documentation (docs/): HTML with warnings as errors and nitpicky references, then every example in it
+# (docs/build.py: sphinx-build -W --keep-going -n -b html, then -b doctest, in one process).
+DOCS_BUILD := docs/_build
+docs: $(STAMP)
+	$(PY) docs/build.py $(DOCS_BUILD)
+	@echo "docs: $(DOCS_BUILD)/html/index.html"
+
 bench: $(STAMP)
 	$(PY) benchmarks/head_cost.py
 	$(PY) benchmarks/train_step.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info $(DOCS_BUILD)
