@@ -2,12 +2,15 @@
 model with its data.
 
 Scores go through the pytorch-ood adapter's comparison, which scores isotropic models with the
-temperature-independent OOD score (agreed interface 1) and stock models with pytorch-ood detectors.
+temperature-independent OOD score (agreed interface 1) and every model with pytorch-ood detectors on its
+logits at temperature 1. The table's notes say which split each number comes from: ``test`` rows (ID test +
+OOD test sets) are the results, ``val`` rows (ID validation + OOD validation sets) are there for choices.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 import dismax_plugin as dp
@@ -15,7 +18,17 @@ import dismax_plugin as dp
 from .config import ConfigError
 from .tracking import Tracker
 
-__all__ = ["detector_names", "evaluate_model", "example_input", "format_rows", "load_for_eval", "log_evaluation"]
+__all__ = [
+    "detector_names",
+    "evaluate_model",
+    "example_input",
+    "format_rows",
+    "load_for_eval",
+    "log_evaluation",
+    "split_notes",
+]
+
+log = logging.getLogger("dismax_plugin.adapters.engine.cli")
 
 
 def detector_names(text: str | None) -> list[str]:
@@ -30,11 +43,23 @@ def detector_names(text: str | None) -> list[str]:
         raise ConfigError(f"--detectors: {error}") from error
 
 
-def format_rows(rows: list[dict]) -> str:
-    """The rows of :func:`evaluate_model` as the pytorch-ood adapter's wide text table."""
+def format_rows(rows: list[dict], notes: list[str] | tuple[str, ...] = ()) -> str:
+    """The rows of :func:`evaluate_model` as the pytorch-ood adapter's wide text table, then ``notes``
+    (:func:`evaluate_model`'s ``"notes"``: where each split came from)."""
     from ..pytorch_ood import format_table
 
-    return format_table(rows)
+    return "\n".join([format_table(rows), *notes])
+
+
+def split_notes(data) -> list[str]:
+    """Where each split of ``data`` came from and what it decided (the lines under every results table)."""
+    from ..pytorch_ood import describe_split
+
+    lines = describe_split(data.split) if data.split else ["splits: no record (a benchmark without split_info)"]
+    return lines + [
+        "calibration/validation split: temperature and thresholds; OOD validation sets: choices only (val rows)",
+        "pytorch-ood detectors score every model's logits at T = 1; the native scores do not depend on T",
+    ]
 
 
 def evaluate_model(model, data, *, name: str | None = None, batch_size: int = 256, device="cpu", workers: int = 0,
@@ -46,8 +71,9 @@ def evaluate_model(model, data, *, name: str | None = None, batch_size: int = 25
     (fitted on ``data.fit`` where needed).
 
     :param name: the model's name in the rows (default: its head kind, ``linear`` for a stock model).
-    :return: ``{"rows": [...], "scores": {(model, method): {"ID": tensor, <set>: tensor}}}``; rows as
-        :func:`dismax_plugin.adapters.pytorch_ood.compare` makes them (metrics are fractions).
+    :return: ``{"rows": [...], "scores": {(model, method): {"ID": tensor, <set>: tensor}}, "notes": [...]}``;
+        rows as :func:`dismax_plugin.adapters.pytorch_ood.compare` makes them (metrics are fractions; ``split``
+        ``test`` or ``val``), notes from :func:`split_notes`.
     """
     from ..pytorch_ood import compare
 
@@ -57,7 +83,7 @@ def evaluate_model(model, data, *, name: str | None = None, batch_size: int = 25
     methods = list(dict.fromkeys(["MaxSoftmax", *detectors]))
     rows = compare({name: model}, data.benchmark, fit_data=data.fit, val_data=data.val, detectors=methods,
                    batch_size=batch_size, device=device, num_workers=workers, keep_scores=scores)  # fmt: skip
-    return {"rows": rows, "scores": scores}
+    return {"rows": rows, "scores": scores, "notes": split_notes(data)}
 
 
 def log_evaluation(tracker: Tracker, evaluation: dict, calibration: dict | None) -> None:
@@ -67,8 +93,11 @@ def log_evaluation(tracker: Tracker, evaluation: dict, calibration: dict | None)
 
     rows = evaluation["rows"]
     tracker.log_table(rows, "ood/results.json")
-    metrics = {f"{r['dataset']}.{r['method']}.{key}": r[key] for r in rows for key in METRIC_KEYS}
-    metrics.update(test_acc=rows[0]["ACC"], test_ece=rows[0]["ECE"])
+    # test rows keep the names of the logged inputs; validation rows get a "val." prefix
+    metrics = {("val." if r.get("split") == "val" else "") + f"{r['dataset']}.{r['method']}.{key}": r[key]
+               for r in rows for key in METRIC_KEYS}  # fmt: skip
+    first = next(r for r in rows if r.get("split", "test") == "test")
+    metrics.update(test_acc=first["ACC"], test_ece=first["ECE"])
     tracker.log_metrics(metrics)
     for (_, method), per_set in evaluation["scores"].items():
         # figures show in-distribution scores (larger = more in-distribution): negate pytorch-ood's sign
@@ -93,7 +122,13 @@ def example_input(data, n: int = 2):
 
 
 def load_for_eval(args: argparse.Namespace):
-    """The saved model of ``--checkpoint`` (a model or run directory) and the ``--data`` it is evaluated on."""
+    """The saved model of ``--checkpoint`` (a model or run directory) and the ``--data`` it is evaluated on.
+
+    The data is rebuilt with the split record stored with the model (its split seed; no ``--seed`` needed)
+    and must match it: other ID splits, classes or OOD validation sets are a :class:`ConfigError`.
+    A model saved without a record (before records existed, or not by ``dismax train``) cannot be checked: a
+    warning says so and ``--seed`` draws the splits.
+    """
     from .. import timm as dtimm
     from .data import build_data
 
@@ -102,15 +137,19 @@ def load_for_eval(args: argparse.Namespace):
         path = os.path.join(path, "model")
     try:
         model = dtimm.load_model(path, device=args.device or "cpu")
-        preprocessing = (dtimm.read_metadata(path).get("metadata") or {}).get("preprocessing")
+        metadata = dtimm.read_metadata(path).get("metadata") or {}
     except (FileNotFoundError, ValueError, OSError) as error:
         raise ConfigError(f"--checkpoint: {error}") from error
+    preprocessing, split = metadata.get("preprocessing"), metadata.get("split")
     if preprocessing is None:
         from ..timm.preprocessing import preprocessing_config
 
         preprocessing = preprocessing_config(model, args.image_size, args.channels)
+    if not split:
+        log.warning("%s has no stored split record: the data cannot be checked against training's; splits drawn "
+                    "from training data use --seed %s.", path, args.seed)  # fmt: skip
     try:
-        data = build_data(args.data, preprocessing, data_root=args.data_root, seed=args.seed)
+        data = build_data(args.data, preprocessing, data_root=args.data_root, seed=args.seed, split=split or None)
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(f"--data '{args.data}': {error}") from error
     return model, data, path

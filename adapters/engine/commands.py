@@ -45,7 +45,7 @@ def _train_and_report(cfg: TrainConfig, tracker: Tracker, detectors: list[str], 
                                        device=device, workers=cfg.workers, detectors=detectors)  # fmt: skip
     if not quiet:
         title = f"{cfg.model} ({cfg.head} head) on {cfg.data}"
-        log.info("\n%s:\n%s", title, report.format_rows(evaluation["rows"]))
+        log.info("\n%s:\n%s", title, report.format_rows(evaluation["rows"], evaluation["notes"]))
     report.log_evaluation(tracker, evaluation, result.calibration)
     tracker.log_artifact(os.path.join(result.output, CHECKPOINT), "checkpoint")
     tracker.log_model(result.model_dir, model=result.model, input_example=report.example_input(result.data))
@@ -75,7 +75,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         device = next(model.parameters()).device
         evaluation = report.evaluate_model(model, data, batch_size=args.eval_batch_size, device=device,
                                            workers=args.workers, detectors=detectors)  # fmt: skip
-        log.info("\n%s on %s:\n%s", path, args.data, report.format_rows(evaluation["rows"]))
+        log.info("\n%s on %s:\n%s", path, args.data, report.format_rows(evaluation["rows"], evaluation["notes"]))
         report.log_evaluation(tracker, evaluation, None)
     return 0
 

@@ -216,6 +216,7 @@ def finish(run: _Run) -> tuple[dict, str]:
         "temperature": report["temperature"],
         "thresholds": report["thresholds"],
         "train_config": dataclasses.asdict(cfg),
+        "split": run.data.split,  # the split record: evaluate/calibrate rebuild and check the data with it
     }
     dtimm.save_model(model.cpu(), model_dir, metadata=metadata)
     model.to(run.device)
