@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import textwrap
 from collections.abc import Sequence
 
 from ._compare import METRIC_KEYS
@@ -140,10 +141,10 @@ def format_summary(summary: Sequence[dict]) -> str:
         cells += [_pm(item, k) + ("*" if entry in marked.get(k, ()) else " ") for k in keys]
         cells += [_pm(item, "ACC"), f"{item['speed']:.2f}x" if item["speed"] else "-"]
         body.append(cells)
-    notes = [
-        "test sets (ID test + OOD test), percent, mean±std over seeds; FPR95 = OOD accepted at 95% ID recall;",
-        ("* = " if marked else "") + marks_note(summary) + "; speed vs ce+MaxSoftmax",
-    ]
+    notes = textwrap.wrap(
+        "test sets (ID test + OOD test), percent, mean±std over seeds; FPR95 = OOD accepted at 95% ID recall; "
+        + ("* = " if marked else "") + marks_note(summary) + "; speed vs ce+MaxSoftmax", 100
+    )  # fmt: skip
     return "\n".join([*_text_table(header, body, 2), *notes])
 
 
