@@ -247,7 +247,14 @@ class DigitsBenchmark(Benchmark):
         self.ood_names: list[str] = ["digits_6_9", "image_patches", "gaussian_noise", "uniform_noise"]
         #: group of each OOD set: the unseen digits are near-OOD, the rest far-OOD
         self.ood_groups: dict[str, str] = {name: "far" for name in self.ood_names} | {"digits_6_9": "near"}
-        sources = _ood_sources(images, targets, ood_size)
+        self._split_ood(_ood_sources(images, targets, ood_size), make)
+        self._ood_size, self._near_indices = ood_size, np.flatnonzero(targets >= self.num_classes)
+        log.debug("DigitsBenchmark: train %d, val %d, test %d, OOD test %s, OOD val %s", len(self.train_in),
+                  len(self.val_in), len(self.test_in), {n: len(d) for n, d in zip(self.ood_names, self.test_oods)},
+                  {n: len(d) for n, d in zip(self.ood_val_names, self.val_oods)})  # fmt: skip
+
+    def _split_ood(self, sources: list[tuple[np.ndarray, np.ndarray]], make) -> None:
+        """The validation and test parts of each OOD source (``ood_indices``, ``test_oods``, ``val_oods``)."""
         #: positions within each OOD source of its validation and test parts
         self.ood_indices: dict[str, dict[str, np.ndarray]] = {
             name: _ood_parts(labels) for name, (_, labels) in zip(self.ood_names, sources)
@@ -259,10 +266,6 @@ class DigitsBenchmark(Benchmark):
         self.ood_val_names: list[str] = [n for n, d in zip(self.ood_names, parts["val"]) if len(d)]
         self.ood_val_groups: dict[str, str] = {n: self.ood_groups[n] for n in self.ood_val_names}
         self.val_oods: list[Dataset] = [d for d in parts["val"] if len(d)]
-        self._ood_size, self._near_indices = ood_size, np.flatnonzero(targets >= self.num_classes)
-        log.debug("DigitsBenchmark: train %d, val %d, test %d, OOD test %s, OOD val %s", len(self.train_in),
-                  len(self.val_in), len(self.test_in), {n: len(d) for n, d in zip(self.ood_names, self.test_oods)},
-                  {n: len(d) for n, d in zip(self.ood_val_names, self.val_oods)})  # fmt: skip
 
     def train_set(self) -> Dataset:
         """In-distribution training set (650 images of the digits 0–5)."""

@@ -114,8 +114,16 @@ def _default_transform(image_size: int, channels: int):
     )
 
 
-def _is_explicit_path(name: str) -> bool:
-    return name.startswith(".") or os.path.isabs(name) or "/" in name or os.sep in name
+def _benchmark_key(name: str) -> str | None:
+    """The benchmark ``name`` stands for (``None``: a folder path); a name wins over a same-named folder unless
+    the path is explicit (starts with ``.``, holds a separator, or is absolute)."""
+    if name.startswith(".") or os.path.isabs(name) or "/" in name or os.sep in name:
+        return None
+    key = {n.lower(): n for n in BENCHMARK_NAMES}.get(name.strip().lower())
+    if key is not None and os.path.isdir(name):
+        log.info("'%s' is the %s benchmark; the folder '%s' in %s is not used (pass ./%s for the folder).", name,
+                 key, name, os.getcwd(), name)  # fmt: skip
+    return key
 
 
 def _missing_error(name: str, root: str, missing: list[str], expected: str) -> FileNotFoundError:
@@ -235,11 +243,7 @@ def create_benchmark(
     check_positive("image_size", image_size, integer=True, minimum=1)
     check_channels(channels)
     check_positive("split_seed", split_seed, integer=True, minimum=0)
-    lookup = {n.lower(): n for n in BENCHMARK_NAMES}
-    key = None if _is_explicit_path(name) else lookup.get(name.strip().lower())
-    if key is not None and os.path.isdir(name):
-        log.info("'%s' is the %s benchmark; the folder '%s' in %s is not used (pass ./%s for the folder).", name,
-                 key, name, os.getcwd(), name)  # fmt: skip
+    key = _benchmark_key(name)
     if key == "digits":
         return DigitsBenchmark(root, transform, image_size, channels, **options)
     if transform is None:

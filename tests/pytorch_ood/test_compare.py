@@ -94,7 +94,8 @@ def test_metrics_are_finite_fractions_and_match_sklearn(setup):
             assert 0.0 <= r[key] <= 1.0, (r["method"], key)
         assert r["images_per_s"] > 0 and r["fit_s"] >= 0
         # tuned with GridSearch on the benchmark's validation split (ID + OOD validation) where there is a space
-        tuned = r["tuning"].startswith("GridSearch") if r["method"] in ("KNN", "ASH", "ViM") else r["tuning"] == "defaults"
+        searched = r["method"] in ("KNN", "ASH", "ViM")
+        tuned = r["tuning"].startswith("GridSearch") if searched else r["tuning"] == "defaults"
         assert tuned, (r["model"], r["method"], r["tuning"])
     for r in _rows(rows, split="val"):
         assert 0.0 <= r["AUROC"] <= 1.0 and 0.0 <= r["ACC"] <= 1.0 and math.isnan(r["ECE"])
