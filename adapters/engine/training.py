@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 import dismax_plugin as dp
 
 from . import _checkpoint, _distributed
-from ._calibration import calibrate_model, collect_logits
+from ._calibration import calibrate_model, calibration_metadata, collect_logits
 from ._setup import BatchTransform, build_loss, build_model, build_optimizer, build_scheduler
 from ._signals import Interrupted, StopFlag
 from .config import ConfigError, TrainConfig
@@ -198,7 +198,7 @@ def end_epoch(run: _Run, epoch: int, sums: dict[str, float], seconds: float) -> 
 
 
 def finish(run: _Run) -> tuple[dict, str]:
-    """Calibrate on the validation split, store thresholds, save the model (timm adapter format)."""
+    """Calibrate on the calibration split (temperature, calibration scores), save the model (timm format)."""
     from .. import timm as dtimm
 
     cfg, model = run.cfg, run.parts["model"]
@@ -212,9 +212,7 @@ def finish(run: _Run) -> tuple[dict, str]:
     metadata = {
         "preprocessing": run.data.preprocessing,
         "class_names": run.data.class_names,
-        "score": report["score"],
-        "temperature": report["temperature"],
-        "thresholds": report["thresholds"],
+        "calibration": calibration_metadata(report),
         "train_config": dataclasses.asdict(cfg),
         "split": run.data.split,  # the split record: evaluate/calibrate rebuild and check the data with it
     }
