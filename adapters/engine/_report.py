@@ -12,6 +12,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import statistics
+
+import torch
 
 import dismax_plugin as dp
 
@@ -25,6 +28,8 @@ __all__ = [
     "format_rows",
     "load_for_eval",
     "log_evaluation",
+    "score_on_validation",
+    "set_score",
     "split_notes",
 ]
 
@@ -110,6 +115,67 @@ def log_evaluation(tracker: Tracker, evaluation: dict, calibration: dict | None)
         for when, z in (("before", logits), ("after", logits / calibration["temperature"])):
             figure = reliability_diagram(z, labels, title=f"validation, {when} calibration")
             tracker.log_figure(figure, f"calibration/reliability_{when}.png")
+
+
+def score_on_validation(model, data, *, batch_size: int = 256, device="cpu", workers: int = 0) -> dict[str, float]:
+    """The validation quality of every native score: the mean of the near-OOD and far-OOD mean AUROCs (ID
+    positive; the groups the OOD validation sets have) of the ID validation split against each OOD validation
+    set. Isotropic heads score with ``head.ood_score``, linear models their logits at :math:`T = 1`.
+
+    :raises ConfigError: when the data has no OOD validation split
+    """
+    from ..pytorch_ood import ood_metrics
+    from ._calibration import collect_logits
+
+    benchmark = data.benchmark
+    names = list(getattr(benchmark, "ood_val_names", None) or [])
+    if not names:
+        raise ConfigError("--score auto chooses on the OOD validation split and the data has none (a folder: add "
+                          "ood/val/<name>/); name a score or leave the default.")  # fmt: skip
+    heads = dp.heads_of(model)
+
+    def native(logits, name):
+        return heads[0][1].ood_score(logits, name) if heads else dp.ood_score(logits, 1.0, name)
+
+    loader = {"batch_size": batch_size, "device": device, "workers": workers}
+    id_logits = collect_logits(model, data.val, **loader)[0]
+    ood_logits = {n: collect_logits(model, d, **loader)[0] for n, d in zip(names, benchmark.ood_val_sets())}
+    groups = [[n for n in names if benchmark.ood_val_groups[n] == g] for g in ("near", "far")]
+    quality = {}
+    for score in dp.SCORE_NAMES:
+        ids = native(id_logits, score)
+        auroc = {n: ood_metrics(-ids, -native(z, score))["AUROC"] for n, z in ood_logits.items()}
+        quality[score] = statistics.fmean(statistics.fmean(auroc[n] for n in group) for group in groups if group)
+    return quality
+
+
+def set_score(model, data, report: dict, choice: str, **loader) -> dict[str, float] | None:
+    """Apply ``dismax calibrate --score`` to a calibrated ``model`` and its calibration ``report`` (in place).
+
+    ``"default"``: the head's default score (``mps`` for a linear model); a native score name: that one;
+    ``"auto"``: the best :func:`score_on_validation` (ties to the default, then to the order of
+    :data:`dismax_plugin.SCORE_NAMES`). The heads store the choice (``head.set_score``), the report's
+    ``score`` and display ``thresholds`` follow; every score's calibration scores are already stored.
+
+    :return: the validation quality of every score for ``"auto"``, else ``None``
+    """
+    heads = [head for _, head in dp.heads_of(model)]
+    default = type(heads[0]).default_score if heads else "mps"
+    quality = score_on_validation(model, data, **loader) if choice == "auto" else None
+    if quality is not None:
+        best = max(quality.values())
+        tied = [name for name, value in quality.items() if value == best]
+        choice = default if default in tied else tied[0]
+    name = default if choice == "default" else choice
+    for head in heads:
+        head.set_score(None if choice == "default" else name)
+    report["score"] = name
+    if heads:
+        report["thresholds"] = {str(t): heads[0].threshold(t) for t in dp.DEFAULT_TPRS}
+    else:
+        ordered = torch.tensor(report["calibration_scores"][name], dtype=torch.float64)
+        report["thresholds"] = {str(t): dp.threshold_at(ordered, t) for t in dp.DEFAULT_TPRS}
+    return quality
 
 
 def example_input(data, n: int = 2):

@@ -85,12 +85,18 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     model, data, path = report.load_for_eval(args)
     device = next(model.parameters()).device
-    result = calibrate_model(model, data.val, args.calibration, batch_size=args.eval_batch_size, device=device,
-                             workers=args.workers)  # fmt: skip
+    loader = {"batch_size": args.eval_batch_size, "device": device, "workers": args.workers}
+    result = calibrate_model(model, data.val, args.calibration, **loader)
+    quality = report.set_score(model, data, result, getattr(args, "score", "default"), **loader)
+    if quality is not None:
+        log.info("--score auto: mean of near/far AUROC on the OOD validation split (%s): %s -> %s",
+                 ", ".join(data.benchmark.ood_val_names), {k: round(v, 4) for k, v in quality.items()},
+                 result["score"])  # fmt: skip
     meta = dict(dtimm.read_metadata(path).get("metadata") or {})
     meta["calibration"] = calibration_metadata(result)
     dtimm.save_model(model.cpu(), path, metadata=meta)
-    log.info("calibrated %s on %s: temperature %.4g, ECE %.4f -> %.4f, thresholds (%s) %s", path, args.data,
+    log.info("calibrated %s on the calibration split of %s (%s, %d images): temperature %.4g, ECE %.4f -> %.4f, "
+             "thresholds (%s) %s", path, args.data, data.split.get("sources", {}).get("val", "val"), result["size"],
              result["temperature"], result["ece_before"], result["ece_after"], result["score"],
              result["thresholds"])  # fmt: skip
     return 0

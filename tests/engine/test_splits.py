@@ -71,11 +71,11 @@ def test_calibrate_without_seed_reproduces_the_training_temperature_bit_for_bit(
     run = tmp_path / "run"
     shutil.copytree(folder_run / "run", run)
     before = dtimm.load_model(str(run / "model")).state_dict()
-    stored = dtimm.read_metadata(run / "model")["metadata"]["temperature"]
+    stored = dtimm.read_metadata(run / "model")["metadata"]["calibration"]["temperature"]
     assert main(["calibrate", "--checkpoint", str(run), "--data", str(folder_run / "data")]) == 0  # no --seed
     assert "temperature" in capsys.readouterr().out
     after = dtimm.load_model(str(run / "model")).state_dict()
-    assert dtimm.read_metadata(run / "model")["metadata"]["temperature"] == stored
+    assert dtimm.read_metadata(run / "model")["metadata"]["calibration"]["temperature"] == stored
     assert all(torch.equal(before[k], after[k]) for k in before)  # temperature and thresholds buffers too
 
 
@@ -126,3 +126,60 @@ def test_folder_data_takes_the_benchmark_splits_drawn_with_the_run_seed(tmp_path
     with pytest.raises(ValueError, match="no OOD test sets"):
         shutil.rmtree(tmp_path / "ood")
         build_data(str(tmp_path), preprocessing)
+
+
+# ----------------------------------------------------------------------------------- calibrate --score
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory, one_thread):
+    out = tmp_path_factory.mktemp("score") / "run"
+    code = main(["train", "--model", "test_resnet", "--epochs", "1", "--batch-size", "32", "--max-train-samples",
+                 "96", "--no-track", "--output", str(out)])  # fmt: skip
+    assert code == 0
+    return out
+
+
+def _validation_quality(model_dir) -> dict[str, float]:
+    """Mean of near and far AUROC of each native score on the digits' OOD validation split, computed here
+    with scikit-learn from the validation logits."""
+    import dismax_plugin as dp
+    from sklearn.metrics import roc_auc_score
+
+    model = dtimm.load_model(str(model_dir))
+    head = dtimm.get_head(model)
+    data = build_data("digits", dtimm.read_metadata(model_dir)["metadata"]["preprocessing"])
+    bench = data.benchmark
+    id_logits = collect_logits(model, data.val)[0]
+    quality = {}
+    for name in dp.SCORE_NAMES:
+        aurocs = {}
+        for set_name, dataset in zip(bench.ood_val_names, bench.ood_val_sets()):
+            ids, oods = head.ood_score(id_logits, name), head.ood_score(collect_logits(model, dataset)[0], name)
+            aurocs[set_name] = roc_auc_score([1] * len(ids) + [0] * len(oods), torch.cat([ids, oods]).numpy())
+        far = np.mean([v for n, v in aurocs.items() if bench.ood_val_groups[n] == "far"])
+        quality[name] = (aurocs["digits_6_9"] + far) / 2
+    return quality
+
+
+def test_calibrate_score_auto_picks_the_best_score_on_the_ood_validation_split(digits_run, capsys):
+    import dismax_plugin as dp
+
+    quality = _validation_quality(digits_run / "model")
+    expected = max(quality, key=quality.get)
+    assert main(["calibrate", "--checkpoint", str(digits_run), "--data", "digits", "--score", "auto"]) == 0
+    assert "--score auto" in capsys.readouterr().out
+    head = dtimm.get_head(dtimm.load_model(str(digits_run / "model")))
+    assert head.score == expected  # stored in the head: the served model and is_ood use it
+    assert head.threshold(0.95) == dp.threshold_at(head.stored_scores(expected), 0.95)  # thresholds follow
+    assert dtimm.read_metadata(digits_run / "model")["metadata"]["calibration"]["score"] == expected
+    assert main(["calibrate", "--checkpoint", str(digits_run), "--data", "digits", "--score", "es"]) == 0
+    assert dtimm.get_head(dtimm.load_model(str(digits_run / "model"))).score == "es"
+    assert main(["calibrate", "--checkpoint", str(digits_run), "--data", "digits"]) == 0  # back to the default
+    head = dtimm.get_head(dtimm.load_model(str(digits_run / "model")))
+    assert head.score == type(head).default_score
+
+
+def test_calibrate_score_auto_without_an_ood_validation_split_exits_2(folder_run, capsys):
+    code = main(["calibrate", "--checkpoint", str(folder_run / "run"), "--data", str(folder_run / "data"),
+                 "--score", "auto"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "OOD validation split" in err[0], err
