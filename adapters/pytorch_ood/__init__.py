@@ -33,9 +33,8 @@ from ._losses import DisMaxLoss, IsoMaxLoss, IsoMaxPlusLoss
 from ._methods import DEFAULT_DETECTORS, DETECTOR_NAMES, check_detectors, unsupported_reason
 from ._papers import DISMAX_PAPER, ISOMAX_PAPER, ISOMAX_PLUS_PAPER, PAPER_AUTHORS
 from ._report import format_summary, format_table, report_markdown, summarize
-from ._splits import TEST_FRACTION, VAL_FRACTION, ValidationView, check_split, describe_split
+from ._splits import TEST_FRACTION, VAL_FRACTION, check_split, describe_split
 from ._standard import BENCHMARK_NAMES, STANDARD_GROUPS, check_groups, create_benchmark
-from ._wrapped import StandardBenchmark
 
 __all__ = [
     "BENCHMARK_NAMES",
@@ -56,8 +55,6 @@ __all__ = [
     "FolderBenchmark",
     "IsoMaxLoss",
     "IsoMaxPlusLoss",
-    "StandardBenchmark",
-    "ValidationView",
     "check_detectors",
     "check_groups",
     "check_split",

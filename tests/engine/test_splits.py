@@ -141,8 +141,9 @@ def digits_run(tmp_path_factory, one_thread):
 def _validation_quality(model_dir) -> dict[str, float]:
     """Mean of near and far AUROC of each native score on the digits' OOD validation split, computed here
     with scikit-learn from the validation logits."""
-    import dismax_plugin as dp
     from sklearn.metrics import roc_auc_score
+
+    import dismax_plugin as dp
 
     model = dtimm.load_model(str(model_dir))
     head = dtimm.get_head(model)
@@ -183,3 +184,16 @@ def test_calibrate_score_auto_without_an_ood_validation_split_exits_2(folder_run
                  "--score", "auto"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "OOD validation split" in err[0], err
+
+
+def test_a_model_saved_without_a_split_record_is_evaluated_with_a_warning(folder_run, tmp_path, capsys):
+    import json
+
+    run = tmp_path / "run"
+    shutil.copytree(folder_run / "run" / "model", run / "model")
+    config = json.loads((run / "model" / "config.json").read_text())
+    del config["dismax"]["metadata"]["split"]  # as models saved before split records existed
+    (run / "model" / "config.json").write_text(json.dumps(config))
+    code = main(["evaluate", "--checkpoint", str(run), "--data", str(folder_run / "data"), "--seed", str(SEED),
+                 "--no-track"])  # fmt: skip
+    assert code == 0 and "no stored split record" in capsys.readouterr().out

@@ -15,11 +15,10 @@ from dismax_plugin.adapters.pytorch_ood import (
     VAL_FRACTION,
     DigitsBenchmark,
     FolderBenchmark,
-    ValidationView,
     check_split,
     create_benchmark,
 )
-from dismax_plugin.adapters.pytorch_ood._splits import holdout
+from dismax_plugin.adapters.pytorch_ood._splits import ValidationView, holdout
 
 
 def _image(path, seed=0, size=8):
