@@ -174,15 +174,19 @@ def _sets(entries: dict) -> str:
 
 
 def describe_split(info: dict) -> list[str]:
-    """The lines a report prints about the record ``info``: where each split came from and its size."""
+    """The lines a report prints about the record ``info``: where each split came from and its size (and how
+    many training images were used, when a record says ``train_used``)."""
     sources, splits = info.get("sources", {}), info.get("splits", {})
     seed = info.get("seed")
 
     def part(key: str) -> str:
         return f"{sources.get(key, key)}, {splits.get(key, {}).get('size', '?')} images"
 
+    used = info.get("train_used")
+    train = part("train") + (f" ({used} used)" if used is not None and used != splits.get("train", {}).get("size")
+                             else "")  # fmt: skip
     return [
-        f"splits of {info.get('benchmark')} (split seed {seed}): train = {part('train')}; "
+        f"splits of {info.get('benchmark')} (split seed {seed}): train = {train}; "
         f"calibration/validation = {part('val')}; ID test = {part('test')}",
         f"OOD validation sets: {_sets(info.get('ood_val', {}))}; OOD test sets: {_sets(info.get('ood_test', {}))}",
     ]
