@@ -17,7 +17,15 @@ import sys
 import types
 import typing
 
-from .config import CompareOptions, ConfigError, EvalOptions, TrackingOptions, TrainConfig, flag_of
+from .config import (
+    CalibrateOptions,
+    CompareOptions,
+    ConfigError,
+    EvalOptions,
+    TrackingOptions,
+    TrainConfig,
+    flag_of,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -84,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="temperature and thresholds on validation data, written back")
     _add_fields(p, EvalOptions, ("checkpoint",))
     _add_fields(p, TrainConfig, (*_LOAD_FIELDS, "calibration"))
+    _add_fields(p, CalibrateOptions)
     return parser
 
 

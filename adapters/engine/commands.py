@@ -45,7 +45,7 @@ def _train_and_report(cfg: TrainConfig, tracker: Tracker, detectors: list[str], 
                                        device=device, workers=cfg.workers, detectors=detectors)  # fmt: skip
     if not quiet:
         title = f"{cfg.model} ({cfg.head} head) on {cfg.data}"
-        log.info("\n%s:\n%s", title, report.format_rows(evaluation["rows"]))
+        log.info("\n%s:\n%s", title, report.format_rows(evaluation["rows"], evaluation["notes"]))
     report.log_evaluation(tracker, evaluation, result.calibration)
     tracker.log_artifact(os.path.join(result.output, CHECKPOINT), "checkpoint")
     tracker.log_model(result.model_dir, model=result.model, input_example=report.example_input(result.data))
@@ -75,7 +75,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         device = next(model.parameters()).device
         evaluation = report.evaluate_model(model, data, batch_size=args.eval_batch_size, device=device,
                                            workers=args.workers, detectors=detectors)  # fmt: skip
-        log.info("\n%s on %s:\n%s", path, args.data, report.format_rows(evaluation["rows"]))
+        log.info("\n%s on %s:\n%s", path, args.data, report.format_rows(evaluation["rows"], evaluation["notes"]))
         report.log_evaluation(tracker, evaluation, None)
     return 0
 
@@ -85,12 +85,18 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     model, data, path = report.load_for_eval(args)
     device = next(model.parameters()).device
-    result = calibrate_model(model, data.val, args.calibration, batch_size=args.eval_batch_size, device=device,
-                             workers=args.workers)  # fmt: skip
+    loader = {"batch_size": args.eval_batch_size, "device": device, "workers": args.workers}
+    result = calibrate_model(model, data.val, args.calibration, **loader)
+    quality = report.set_score(model, data, result, getattr(args, "score", "default"), **loader)
+    if quality is not None:
+        log.info("--score auto: mean of near/far AUROC on the OOD validation split (%s): %s -> %s",
+                 ", ".join(data.benchmark.ood_val_names), {k: round(v, 4) for k, v in quality.items()},
+                 result["score"])  # fmt: skip
     meta = dict(dtimm.read_metadata(path).get("metadata") or {})
     meta["calibration"] = calibration_metadata(result)
     dtimm.save_model(model.cpu(), path, metadata=meta)
-    log.info("calibrated %s on %s: temperature %.4g, ECE %.4f -> %.4f, thresholds (%s) %s", path, args.data,
+    log.info("calibrated %s on the calibration split of %s (%s, %d images): temperature %.4g, ECE %.4f -> %.4f, "
+             "thresholds (%s) %s", path, args.data, data.split.get("sources", {}).get("val", "val"), result["size"],
              result["temperature"], result["ece_before"], result["ece_after"], result["score"],
              result["thresholds"])  # fmt: skip
     return 0

@@ -5,8 +5,12 @@ For each seed and each model (``--heads``: isotropic heads; ``--twins``: ``ce`` 
 ``logitnorm`` = linear head + pytorch-ood's ``LogitNorm`` loss) one :class:`TrainConfig` is trained with
 :func:`train` (same backbone, data order, epochs, optimizer and seed) under a child run
 ``<model>-seed<seed>``. The models of a seed are then evaluated together with the pytorch-ood adapter's
-:func:`compare`. Outputs under ``--output``: ``results.csv`` (tidy rows), ``results.json``, ``report.md``,
-``near_far_auroc.png`` and ``histogram_<model>_<method>.png``; all are logged to the parent run.
+:func:`compare` on the data they were trained with (each model's stored split record is checked against it),
+every model's logits at temperature 1 for pytorch-ood's detectors. Reported numbers are the test sets; the
+detectors' hyperparameters (GridSearch) and the report's "best" marks come from the OOD validation split
+when the benchmark has one (else defaults and no marks). Outputs under ``--output``: ``results.csv`` (tidy
+rows, test and validation), ``results.json``, ``report.md``, ``near_far_auroc.png`` and
+``histogram_<model>_<method>.png``; all are logged to the parent run.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ import dismax_plugin as dp
 from ..pytorch_ood import (
     ROW_KEYS,
     check_detectors,
+    check_split,
     compare,
+    describe_split,
     format_summary,
     report_markdown,
     summarize,
@@ -74,8 +80,25 @@ def _train_seed(args, models, seed: int, tracker: Tracker) -> tuple[dict, object
     return trained, data
 
 
+def _check_stored_splits(args, trained: dict, data, seed: int) -> None:
+    """Each trained model's saved split record must be the data's (a resumed comparison may mix runs)."""
+    from .. import timm as dtimm
+
+    for name in trained:
+        model_dir = os.path.join(args.output, f"seed{seed}", name, "model")
+        if not os.path.isfile(os.path.join(model_dir, "config.json")):
+            continue
+        stored = (dtimm.read_metadata(model_dir).get("metadata") or {}).get("split")
+        if stored and data.split:
+            try:
+                check_split(stored, data.split)
+            except ValueError as error:
+                raise ConfigError(f"--data '{args.data}': {name}, seed {seed}: {error}") from error
+
+
 def _evaluate_seed(trained: dict, data, seed: int, args, detectors: list[str], keep: dict, skipped: list):
     device = next(iter(trained.values())).parameters().__next__().device
+    _check_stored_splits(args, trained, data, seed)
     try:
         return compare(
             trained, data.benchmark, fit_data=data.fit, val_data=data.val, detectors=detectors, seed=seed,
@@ -99,16 +122,33 @@ def _seed_metrics(rows: list[dict]) -> dict[str, float]:
     return metrics
 
 
-def _notes(data, rows: list[dict], skipped: list[dict], seeds: list[int]) -> list[str]:
+def _split_lines(splits: dict[int, dict]) -> list[str]:
+    """Where each split came from (once when every seed has the same record, else per seed)."""
+    records = [r for r in splits.values() if r]
+    if not records:
+        return []
+    same = all({k: v for k, v in r.items() if k != "train_used"} == {k: v for k, v in records[0].items()
+               if k != "train_used"} for r in records)  # fmt: skip
+    if same:
+        return describe_split(records[0])
+    return [f"seed {seed}: {line}" for seed, record in splits.items() for line in describe_split(record)]
+
+
+def _notes(data, rows: list[dict], skipped: list[dict], seeds: list[int], splits: dict | None = None) -> list[str]:
     groups = data.benchmark.ood_groups
     near = [n for n, g in groups.items() if g == "near"] or ["none"]
     far = [n for n, g in groups.items() if g == "far"] or ["none"]
     tuned = sorted({r["tuning"] for r in rows if r["tuning"] != "defaults"})
-    notes = [f"near-OOD sets: {', '.join(near)}; far-OOD sets: {', '.join(far)}", f"seeds: {seeds}"]
+    val_sets = list(getattr(data.benchmark, "ood_val_names", []) or [])
+    notes = [f"near-OOD test sets: {', '.join(near)}; far-OOD test sets: {', '.join(far)}", f"seeds: {seeds}"]
+    notes += _split_lines(splits if splits is not None else {seeds[-1]: getattr(data, "split", None)})
+    notes.append("reported numbers: the test sets (ID test + OOD test); the validation rows (split val) of "
+                 "results.csv are for choices only")  # fmt: skip
     if hasattr(data.benchmark, "ood_flat") and data.benchmark.ood_flat:
         notes.append(f"OOD folders outside ood/near/ and ood/far/ count as far: {data.benchmark.ood_flat}")
     notes.append(
-        "detector hyperparameters: tuned with pytorch-ood's GridSearch on the benchmark's validation split"
+        "detector hyperparameters: tuned with pytorch-ood's GridSearch on the validation split (ID validation + "
+        f"OOD validation sets {', '.join(val_sets) or 'of the benchmark'})"
         if tuned else "detector hyperparameters: pytorch-ood's defaults (the benchmark has no OOD validation split)"
     )  # fmt: skip
     for method, reason in dict.fromkeys((s["method"], s["reason"]) for s in skipped):
@@ -118,7 +158,11 @@ def _notes(data, rows: list[dict], skipped: list[dict], seeds: list[int]) -> lis
             missed = sorted({s["seed"] for s in matching if s["model"] == model})
             where.append(model if len(missed) == len(seeds) else f"{model} (seeds {missed})")
         notes.append(f"{method} not run on {', '.join(where)}: {reason}")
-    notes.append("ECE: after temperature scaling fitted the same way for every model on the validation split")
+    notes.append("every model alike: pytorch-ood's detectors see each model's logits at T = 1 (the isotropic "
+                 "heads' calibration temperature is set to 1 during evaluation); the native scores do not depend "
+                 "on T")  # fmt: skip
+    notes.append("ECE: after temperature scaling fitted the same way for every model on the calibration/validation "
+                 "split")  # fmt: skip
     return notes
 
 
@@ -171,10 +215,11 @@ def run_compare(args: argparse.Namespace, tracker: Tracker) -> int:
     models = _models(args)
     seeds, detectors = _options(args)
     os.makedirs(args.output, exist_ok=True)
-    rows, keep, skipped, data = [], {}, [], None
+    rows, keep, skipped, data, splits = [], {}, [], None, {}
     start = time.perf_counter()
     for seed in seeds:
         trained, data = _train_seed(args, models, seed, tracker)
+        splits[seed] = data.split
         scores: dict = {}
         seed_rows = _evaluate_seed(trained, data, seed, args, detectors, scores, skipped)
         tracker.log_metrics(_seed_metrics(seed_rows), step=seed)
@@ -184,7 +229,7 @@ def run_compare(args: argparse.Namespace, tracker: Tracker) -> int:
     summary = summarize(rows)
     names = ", ".join(name for name, _ in models)
     title = f"Comparison on {args.data} ({args.model}, {getattr(args, 'epochs', '?')} epochs): {names}"
-    notes = _notes(data, rows, skipped, seeds)
+    notes = _notes(data, rows, skipped, seeds, splits)
     paths = _write(args.output, rows, summary, report_markdown(summary, rows, title=title, notes=notes))
     paths += _figures(args.output, summary, keep, tracker, title)
     tracker.log_table(rows, "comparison/results.json")  # the rows of results.json, as an MLflow table

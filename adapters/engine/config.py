@@ -24,7 +24,9 @@ from dismax_plugin import calibration as _calibration
 from dismax_plugin._checks import check_positive
 
 __all__ = [
+    "CALIBRATE_SCORES",
     "COMPARE_HEADS",
+    "CalibrateOptions",
     "CompareOptions",
     "ConfigError",
     "EvalOptions",
@@ -233,6 +235,18 @@ class EvalOptions:
 
     checkpoint: str = option(None, "a saved model directory or a run directory", required=True)
     detectors: str = option("", "comma-separated pytorch-ood post-hoc detectors (for linear-head models)")
+
+
+#: ``dismax calibrate --score``: the head's default, chosen on the OOD validation split, or a native score
+CALIBRATE_SCORES: tuple[str, ...] = ("default", "auto", *dp.SCORE_NAMES)
+
+
+@dataclass
+class CalibrateOptions:
+    """Options of ``dismax calibrate`` beyond loading the model and its data."""
+
+    score: str = option("default", "the OOD score thresholds use: default (the head's), auto (best mean near/far "
+                        "AUROC on the OOD validation split) or a native score", choices=CALIBRATE_SCORES)  # fmt: skip
 
 
 @dataclass

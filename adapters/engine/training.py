@@ -214,6 +214,7 @@ def finish(run: _Run) -> tuple[dict, str]:
         "class_names": run.data.class_names,
         "calibration": calibration_metadata(report),
         "train_config": dataclasses.asdict(cfg),
+        "split": run.data.split,  # the split record: evaluate/calibrate rebuild and check the data with it
     }
     dtimm.save_model(model.cpu(), model_dir, metadata=metadata)
     model.to(run.device)

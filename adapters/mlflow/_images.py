@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..timm.preprocessing import eval_transform
+from ..timm.preprocessing import eval_transform, to_8bit
 
 __all__ = ["check_preprocessing", "model_examples", "preprocess_images"]
 
@@ -49,6 +49,8 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
                 f"float images must be in [0, 1] (uint8 images in 0..255); got range [{low:.4g}, {high:.4g}]."
             )
         return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    if image.dtype == np.uint16:  # 16-bit images: the rule of image files (timm adapter's preprocessing)
+        return to_8bit(image)
     if image.dtype != np.uint8:
         low, high = int(image.min()), int(image.max())
         if low < 0 or high > 255:
@@ -84,8 +86,9 @@ def preprocess_images(images: Any, preprocessing: Mapping[str, Any], transform=N
 
     :param images: a batch as a numpy array (or anything ``np.asarray`` accepts): ``[N, H, W]`` (grey),
         ``[N, H, W, C]`` or ``[N, C, H, W]`` with ``C`` in 1, 3, 4 (channels-last wins when both fit), or a
-        list of single images ``[H, W]`` / ``[H, W, C]`` of any sizes. Values are uint8 (or integers in
-        0..255) or floats in [0, 1] (quantised to 8 bits, as an image file would be).
+        list of single images ``[H, W]`` / ``[H, W, C]`` of any sizes. Values are uint8 (or other integers in
+        0..255), uint16 (16-bit images: rescaled to 8 bits as 16-bit image files are, ``v // 256``) or floats
+        in [0, 1] (quantised to 8 bits, as an image file would be).
     :param preprocessing: ``{"input_size": [C, H, W], "mean": [...], "std": [...]}`` plus optional
         ``"interpolation"`` (default ``"bilinear"``) and ``"crop_pct"`` (default 1.0).
     :param transform: a prebuilt transform (from the same ``preprocessing``) to reuse.

@@ -1,28 +1,40 @@
 r"""One comparison run: several models on one benchmark through :meth:`pytorch_ood.benchmark.Benchmark.evaluate`.
 
 For each model the methods (native isotropic scores for isotropic models, pytorch-ood post-hoc detectors
-for every model) are fitted, optionally tuned with :class:`pytorch_ood.utils.GridSearch`, and evaluated
-together with ``benchmark.evaluate(detectors, cache=True, cache_key=...)``, so the model runs once per
-dataset for all logits detectors and once for all feature detectors. Each detector is wrapped in a
-recorder of the same pytorch-ood kind that keeps its raw scores, for the conventional FPR (ID positive)
-and the score histograms.
+for every model) are fitted, optionally tuned with :class:`pytorch_ood.utils.GridSearch` on the
+benchmark's ``validation_set()`` (ID + OOD validation), and evaluated together with
+``benchmark.evaluate(detectors, cache=True, cache_key=...)``, so the model runs once per dataset for all
+logits detectors and once for all feature detectors. Each detector is wrapped in a recorder of the same
+pytorch-ood kind that keeps its raw scores (:mod:`._recorders`), for the conventional FPR (ID positive) and
+the score histograms. With OOD validation sets (``ood_val_names``) every method is also scored on the
+validation splits (:class:`~._splits.ValidationView`): rows with ``split = "val"``, from which reports
+choose their "best" marks; the test rows are the reported numbers.
 
-**Rows** (one per model, method and OOD set; all metrics fractions in [0, 1]):
+**Every model alike**: during the evaluation the isotropic heads' temperature is set to 1 (restored
+after, also on error), so pytorch-ood's detectors see every model's logits at :math:`T = 1` — the
+linear twins' raw logits and the isotropic heads' distance logits :math:`z` — never calibrated ones. The
+native scores do not depend on :math:`T`. The ECE column is the one place a temperature enters: fitted the
+same way for every model on its ID validation logits.
+
+**Rows** (one per model, split, method and OOD set; all metrics fractions in [0, 1]):
 
 ==================  ========================================================================================
 ``model``           the model's name (e.g. ``dismax``, ``ce``, ``logitnorm``)
 ``seed``            the seed passed to :func:`compare`
+``split``           ``test`` (ID test + OOD test sets: the reported numbers) or ``val`` (ID validation +
+                    OOD validation sets: for choices only)
 ``method``          a native score (upper case, e.g. ``MMLES``) or a pytorch-ood detector class name
-``dataset``         the OOD set (``benchmark.ood_names``)
+``dataset``         the OOD set (``benchmark.ood_names``; ``ood_val_names`` in ``val`` rows)
 ``group``           ``near`` or ``far`` (``benchmark.ood_groups``)
 ``AUROC``           :class:`~pytorch_ood.metrics.OODMetrics` (as returned by ``Benchmark.evaluate``)
 ``AUPR-IN/-OUT``    idem, in-distribution / OOD samples positive
 ``FPR95TPR``        idem: OOD positive; fraction of ID samples flagged at 95% OOD recall
 ``FPR95-ID``        conventional FPR@95%TPR, ID positive: fraction of OOD accepted at 95% ID recall
-``ACC``             test accuracy of the model
+``ACC``             accuracy of the model on the ID test split (``val`` rows: on the ID validation split)
 ``ECE``             expected calibration error (15 bins) of the test set after temperature scaling fitted
-                    the same way for every model (``calibration`` objective on the validation logits at T=1)
-``ECE-raw``         the same at temperature 1 (no calibration)
+                    the same way for every model (``calibration`` objective on the validation logits at T=1);
+                    NaN in ``val`` rows
+``ECE-raw``         the same at temperature 1 (no calibration); NaN in ``val`` rows
 ``fit_s``           seconds to fit (feature pass over the training set + fit) and tune the detector
 ``images_per_s``    model forward + scoring throughput (see :mod:`._timing`)
 ``tuning``          ``GridSearch <params>`` or ``defaults``
@@ -31,12 +43,14 @@ and the score histograms.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 
 import torch
-from pytorch_ood.api import Detector, FeaturesDetector, GradientDetector, LogitsDetector
+from pytorch_ood.api import Detector, FeaturesDetector, LogitsDetector
 from pytorch_ood.metrics import FPRAtTPR, OODMetrics
 from pytorch_ood.utils import extract_features
 from torch import Tensor, nn
@@ -46,7 +60,10 @@ import dismax_plugin as dp
 
 from ._checks import check_names, check_positive
 from ._detector import DisMaxDetector
-from ._methods import ModelParts, build_detector, check_detectors, needs_grad, unsupported_reason
+from ._methods import ModelParts, build_detector, check_detectors, unsupported_reason
+from ._recorders import FeaturesRecorder, LogitsRecorder, recorded_split
+from ._recorders import recorder as make_recorder
+from ._splits import ValidationView
 from ._standard import check_groups
 from ._timing import interleaved_best
 
@@ -58,62 +75,10 @@ log = logging.getLogger(__name__)
 METRIC_KEYS: tuple[str, ...] = ("AUROC", "AUPR-IN", "AUPR-OUT", "FPR95-ID", "FPR95TPR")
 #: keys of every row, in the column order of ``results.csv``
 ROW_KEYS: tuple[str, ...] = (
-    "model", "seed", "method", "dataset", "group", *METRIC_KEYS, "ACC", "ECE", "ECE-raw", "fit_s", "images_per_s",
-    "tuning",
+    "model", "seed", "split", "method", "dataset", "group", *METRIC_KEYS, "ACC", "ECE", "ECE-raw", "fit_s",
+    "images_per_s", "tuning",
 )  # fmt: skip
 _TPR = 0.95
-
-
-class _LogitsRecorder(LogitsDetector):
-    """Scores cached logits with ``inner`` and keeps the scores (shares the model's logits cache)."""
-
-    def __init__(self, inner: Detector, model: nn.Module):
-        super().__init__()
-        self.inner, self.model, self.scores = inner, model, []
-
-    def predict_logits(self, logits: Tensor) -> Tensor:
-        scores = self.inner.predict_logits(logits)
-        self.scores.append(scores.detach().double().cpu())
-        return scores
-
-
-class _FeaturesRecorder(FeaturesDetector):
-    """Scores cached penultimate features with ``inner`` and keeps the scores."""
-
-    def __init__(self, inner: Detector, encoder: nn.Module):
-        super().__init__()
-        self.inner, self.encoder, self.scores = inner, encoder, []
-
-    def predict(self, x: Tensor) -> Tensor:
-        return self.predict_features(self.encoder(x))
-
-    def predict_features(self, z: Tensor) -> Tensor:
-        with torch.no_grad():
-            scores = self.inner.predict_features(z)
-        self.scores.append(scores.detach().double().cpu())
-        return scores
-
-
-class _InputsRecorder(Detector):
-    """Runs ``inner`` on the inputs (ODIN, ReAct, ASH) and keeps the scores."""
-
-    def __init__(self, inner: Detector, grad: bool):
-        super().__init__()
-        self.inner, self.grad, self.scores = inner, grad, []
-
-    def predict(self, x: Tensor) -> Tensor:
-        with torch.enable_grad() if self.grad else torch.no_grad():
-            scores = self.inner.predict(x)
-        self.scores.append(scores.detach().double().cpu())
-        return scores.detach()
-
-
-def _recorder(inner: Detector, parts: ModelParts, name: str) -> Detector:
-    if isinstance(inner, LogitsDetector):
-        return _LogitsRecorder(inner, parts.model)
-    if isinstance(inner, FeaturesDetector) and not isinstance(inner, GradientDetector):
-        return _FeaturesRecorder(inner, parts.encoder)
-    return _InputsRecorder(inner, needs_grad(name))
 
 
 def ood_metrics(id_scores: Tensor, ood_scores: Tensor) -> dict[str, float]:
@@ -138,19 +103,30 @@ def _logits_of(model: nn.Module, dataset: Dataset, loader_kwargs: dict, device) 
     return torch.cat(logits), torch.cat(labels)
 
 
-def _temperature(model: nn.Module) -> float:
-    return float(DisMaxDetector(model, score="mps").current_temperature())
+@contextlib.contextmanager
+def _unit_temperature(model: nn.Module):
+    """The model's isotropic heads at temperature 1 inside the block, their own temperature restored after."""
+    heads = [head for _, head in dp.heads_of(model)]
+    saved = [head.temperature.detach().clone() for head in heads]
+    try:
+        with torch.no_grad():
+            for head in heads:
+                head.temperature.fill_(1.0)
+        yield model
+    finally:
+        with torch.no_grad():
+            for head, temperature in zip(heads, saved):
+                head.temperature.copy_(temperature)
 
 
 def _model_stats(parts: ModelParts, test: tuple[Tensor, Tensor], calibration: str, bins: int) -> dict[str, float]:
-    """Accuracy and ECE (raw, and after a temperature fitted on the validation logits at T=1)."""
-    t_model = _temperature(parts.model)
-    logits, labels = test[0] * t_model, test[1]
+    """Accuracy and ECE (raw, and after a temperature fitted on the validation logits), from logits at T=1."""
+    logits, labels = test
     stats = {"ACC": float((logits.argmax(1) == labels).double().mean())}
     stats["ECE-raw"] = float(dp.expected_calibration_error(logits, labels, n_bins=bins))
     temperature = 1.0
     if parts.val_logits is not None:
-        temperature = dp.calibrate_temperature(parts.val_logits * t_model, parts.val_labels, objective=calibration)
+        temperature = dp.calibrate_temperature(parts.val_logits, parts.val_labels, objective=calibration)
     stats["ECE"] = float(dp.expected_calibration_error(logits / temperature, labels, n_bins=bins))
     return stats
 
@@ -188,8 +164,15 @@ class _Setting:
         (self.test_set,) = benchmark.test_sets(known=True, unknown=False)
         self.n_id = len(self.test_set)
         self.fit_loader = DataLoader(fit_data, **loader_kwargs)
-        validation = getattr(benchmark, "validation_set", None) if tune else None
-        self.val_loader = DataLoader(validation(), **loader_kwargs) if callable(validation) else None
+        validation = getattr(benchmark, "validation_set", None)
+        validation = validation() if tune and callable(validation) else None
+        self.val_loader = DataLoader(validation, **loader_kwargs) if validation is not None else None
+        #: the validation splits as a benchmark (``None`` without OOD validation sets)
+        self.validation = ValidationView(benchmark) if getattr(benchmark, "ood_val_names", None) else None
+        if self.validation is not None:
+            self.val_groups = check_groups(self.validation)
+            self.val_sizes = [len(d) for d in self.validation.test_sets()]
+            self.n_val_id = len(self.validation.test_sets(known=True, unknown=False)[0])
         self.jobs: dict = {}  #: timing jobs of every model, run interleaved at the end
         self.heavy: set = set()  #: the keys of the jobs that run the model
         self.timing_batches: list[Tensor] = []
@@ -234,8 +217,8 @@ def _timing_jobs(name: str, recorders: list[Detector], batches: list[Tensor], pa
         represented = {"logits": [parts.model(x) for x in batches], "features": [parts.encoder(x) for x in batches]}
     for index, recorder in enumerate(recorders):
         inner = recorder.inner
-        if isinstance(recorder, (_LogitsRecorder, _FeaturesRecorder)):
-            kind = "logits" if isinstance(recorder, _LogitsRecorder) else "features"
+        if isinstance(recorder, (LogitsRecorder, FeaturesRecorder)):
+            kind = "logits" if isinstance(recorder, LogitsRecorder) else "features"
             producer = parts.model if kind == "logits" else parts.encoder
             score = inner.predict_logits if kind == "logits" else inner.predict_features
             parts.jobs[(name, kind)] = _no_grad(lambda p=producer: [p(x) for x in batches])
@@ -260,17 +243,34 @@ def _no_grad(job):
     return run
 
 
-def _split(recorder: Detector, sizes: list[int], n_id: int) -> list[tuple[Tensor, Tensor]]:
-    """The recorded scores as ``(ID scores, OOD scores)`` per OOD set."""
-    scores = torch.cat(recorder.scores) if recorder.scores else torch.empty(0)
-    if len(scores) != sum(sizes):
-        raise RuntimeError(f"{type(recorder.inner).__name__} recorded {len(scores)} scores for {sum(sizes)} images.")
-    chunks = torch.split(scores, sizes)
-    return [(chunk[:n_id], chunk[n_id:]) for chunk in chunks]
+def _scored_rows(benchmark, recorders: list, methods: list, split: dict, base: dict) -> tuple[list[dict], list]:
+    """Run ``benchmark.evaluate`` with the recorders; one row per method and OOD set, and the recorded
+    ``(ID, OOD)`` scores of each method. ``split``: ``name``, ``groups``, ``sizes``, ``n_id``, ``stats``,
+    ``cache_key``; ``base``: the row fields common to every row (model, seed, loader, device, timing)."""
+    for rec in recorders:
+        rec.scores = []
+    results = benchmark.evaluate(recorders, loader_kwargs=base["loader_kwargs"], device=base["device"], cache=True,
+                                 cache_key=split["cache_key"])  # fmt: skip
+    rows, recorded = [], []
+    for j, ((method, _, fit_s, tuning), rec) in enumerate(zip(methods, recorders)):
+        per_set = recorded_split(rec, split["sizes"], split["n_id"])
+        recorded.append(per_set)
+        for i, (dataset, (id_scores, ood_scores)) in enumerate(zip(split["groups"], per_set)):
+            metrics = ood_metrics(id_scores, ood_scores)
+            reported = results[i * len(recorders) + j]
+            if abs(reported["AUROC"] - metrics["AUROC"]) > 1e-6:
+                raise RuntimeError(f"{method} on {dataset}: recorded scores disagree with Benchmark.evaluate.")
+            metrics.update({k: float(reported[k]) for k in ("AUROC", "AUPR-IN", "AUPR-OUT", "FPR95TPR")})
+            rows.append(
+                {"model": base["model"], "seed": base["seed"], "split": split["name"], "method": method,
+                 "dataset": dataset, "group": split["groups"][dataset], **metrics, **split["stats"], "fit_s": fit_s,
+                 "images_per_s": base["timing"][j], "tuning": tuning}
+            )  # fmt: skip
+    return rows, recorded
 
 
 def _evaluate_model(name: str, model: nn.Module, setting: _Setting, options: dict) -> list[dict]:
-    """Rows of every method on one model (see the module documentation)."""
+    """Rows of every method on one model (see the module documentation), the model's heads at T = 1."""
     device = setting.device
     parts = ModelParts(model, norm_std=options["norm_std"])
     start = time.perf_counter()
@@ -284,34 +284,27 @@ def _evaluate_model(name: str, model: nn.Module, setting: _Setting, options: dic
     skipped: list = []
     methods = _build_methods(name, parts, setting, options["scores"], options["detectors"], skipped)
     options["skipped"].extend({**entry, "seed": options["seed"]} for entry in skipped)
-    recorders = [_recorder(detector, parts, method) for method, detector, _, _ in methods]
+    recorders = [make_recorder(detector, parts, method) for method, detector, _, _ in methods]
     log.info("compare: %s, %d methods on %d OOD sets", name, len(methods), len(setting.groups))
-    results = setting.benchmark.evaluate(
-        recorders,
-        loader_kwargs=setting.loader_kwargs,
-        device=str(device),
-        cache=True,
-        cache_key=f"{name}-seed{options['seed']}",
-    )
     parts.jobs, parts.heavy = setting.jobs, setting.heavy
-    timing = _timing_jobs(name, recorders, setting.timing_batches, parts)
-    rows = []
-    for j, ((method, _, fit_s, tuning), recorder) in enumerate(zip(methods, recorders)):
-        per_set = _split(recorder, setting.sizes, setting.n_id)
-        keep = options["keep_scores"]
-        if keep is not None:
-            keep[(name, method)] = {"ID": per_set[0][0], **{d: s[1] for d, s in zip(setting.groups, per_set)}}
-        for i, (dataset, (id_scores, ood_scores)) in enumerate(zip(setting.groups, per_set)):
-            metrics = ood_metrics(id_scores, ood_scores)
-            reported = results[i * len(recorders) + j]
-            if abs(reported["AUROC"] - metrics["AUROC"]) > 1e-6:
-                raise RuntimeError(f"{method} on {dataset}: recorded scores disagree with Benchmark.evaluate.")
-            metrics.update({k: float(reported[k]) for k in ("AUROC", "AUPR-IN", "AUPR-OUT", "FPR95TPR")})
-            rows.append(
-                {"model": name, "seed": options["seed"], "method": method, "dataset": dataset,
-                 "group": setting.groups[dataset], **metrics, **stats, "fit_s": fit_s, "images_per_s": timing[j],
-                 "tuning": tuning}
-            )  # fmt: skip
+    base = {"model": name, "seed": options["seed"], "loader_kwargs": setting.loader_kwargs, "device": str(device),
+            "timing": _timing_jobs(name, recorders, setting.timing_batches, parts)}  # fmt: skip
+    key = f"{name}-seed{options['seed']}"
+    test_split = {"name": "test", "groups": setting.groups, "sizes": setting.sizes, "n_id": setting.n_id,
+                  "stats": stats, "cache_key": key}  # fmt: skip
+    rows, recorded = _scored_rows(setting.benchmark, recorders, methods, test_split, base)
+    if options["keep_scores"] is not None:
+        for (method, *_), per_set in zip(methods, recorded):
+            scores = {d: s[1] for d, s in zip(setting.groups, per_set)}
+            options["keep_scores"][(name, method)] = {"ID": per_set[0][0], **scores}
+    if setting.validation is not None:
+        accuracy = math.nan
+        if parts.val_logits is not None:
+            accuracy = float((parts.val_logits.argmax(1) == parts.val_labels).double().mean())
+        val_split = {"name": "val", "groups": setting.val_groups, "sizes": setting.val_sizes,
+                     "n_id": setting.n_val_id, "cache_key": key + "-val",
+                     "stats": {"ACC": accuracy, "ECE": math.nan, "ECE-raw": math.nan}}  # fmt: skip
+        rows += _scored_rows(setting.validation, recorders, methods, val_split, base)[0]
     return rows
 
 
@@ -322,7 +315,8 @@ def _evaluate_all(models: Mapping[str, nn.Module], setting: _Setting, options: d
     try:
         for name, model in models.items():
             model.eval()
-            rows += _evaluate_model(name, model, setting, options)
+            with _unit_temperature(model):
+                rows += _evaluate_model(name, model, setting, options)
         seconds = interleaved_best(setting.jobs, setting.device, heavy=setting.heavy)
     finally:
         for name, model in models.items():
@@ -371,9 +365,11 @@ def compare(
     """Evaluate every model with its methods on ``benchmark`` (rows: see the module documentation).
 
     :param models: ``{name: model}``; isotropic models (with an IsoMax/IsoMax+/DisMax head) get the native
-        ``scores`` too. Models are put in ``eval()`` mode and their previous mode restored.
+        ``scores`` too. Models are put in ``eval()`` mode and their heads at temperature 1; both are restored.
     :param benchmark: a pytorch-ood ``Benchmark`` with ``ood_names`` and ``ood_groups``; with a
-        ``validation_set()`` (ID + OOD) the detectors' hyperparameters are tuned with ``GridSearch``
+        ``validation_set()`` (ID + OOD) the detectors' hyperparameters are tuned with ``GridSearch``; with
+        ``ood_val_names`` (the split interface of :mod:`._splits`) every method is also scored on the
+        validation splits (``split = "val"`` rows)
     :param fit_data: ID training data (evaluation transform) the feature detectors are fitted on
     :param val_data: ID validation data: temperature for the ECE column, KLMatching/TemperatureScaling fit
     :param detectors: pytorch-ood detector names, ``"all"`` or ``None`` for the default set

@@ -2,28 +2,30 @@ r"""The offline :class:`DigitsBenchmark` on scikit-learn's bundled digits (no ne
 
 * In-distribution: the digits 0–5 of :func:`sklearn.datasets.load_digits` (1083 images of
   :math:`8 \times 8` pixels), split per class with a fixed seed into train 650, validation 108 and
-  test 325 images (10% validation and 30% test per class, rounded).
-* OOD sets (``ood_names``), all labelled ``-1``:
+  test 325 images (10% validation and 30% test, stratified: :func:`~._splits.holdout`).
+* OOD sources, all labelled ``-1``; each is split with a fixed seed into a validation part (20%,
+  ``ood_val_names``, for choices) and a test part (80%, ``ood_names``, for reported numbers):
 
-  ==================  =====  ==========================================================
-  name                size   content
-  ==================  =====  ==========================================================
-  ``digits_6_9``      714    the digits 6–9 of the same dataset (group ``near``)
-  ``image_patches``   500    grey crops of ``china.jpg``/``flower.jpg`` from
-                             :func:`sklearn.datasets.load_sample_images` (``far``)
-  ``gaussian_noise``  500    pytorch-ood :class:`~pytorch_ood.dataset.img.GaussianNoise` (``far``)
-  ``uniform_noise``   500    pytorch-ood :class:`~pytorch_ood.dataset.img.UniformNoise` (``far``)
-  ==================  =====  ==========================================================
+  ==================  =====  =========  ======  ======================================================
+  name                all    val        test    content
+  ==================  =====  =========  ======  ======================================================
+  ``digits_6_9``      714    143        571     the digits 6–9 of the same dataset (group ``near``)
+  ``image_patches``   500    100        400     grey crops of ``china.jpg``/``flower.jpg`` from
+                                                :func:`sklearn.datasets.load_sample_images` (``far``)
+  ``gaussian_noise``  500    100        400     pytorch-ood :class:`~pytorch_ood.dataset.img.GaussianNoise` (``far``)
+  ``uniform_noise``   500    100        400     pytorch-ood :class:`~pytorch_ood.dataset.img.UniformNoise` (``far``)
+  ==================  =====  =========  ======  ======================================================
 
-  (the last three have ``ood_size`` images). Every OOD image is rendered in the digits' own format
+  (the last three have ``ood_size`` images in all). Every OOD image is rendered in the digits' own format
   (:math:`8 \times 8` grey levels 0–16) and then goes through the same pipeline as the digits, so the
   sets differ in content, not in resolution, quantisation or colour. The noise sets are drawn once with
   fixed seeds, so every pass over them sees the same images.
 
-Items are ``(image, label)`` with Python-int labels. The :math:`8 \times 8` image is resized (bilinear)
-to ``image_size`` and given ``channels`` identical channels; without a ``transform`` it becomes a float
-tensor :math:`channels \times image\_size \times image\_size` in :math:`[0, 1]`, otherwise the
-``transform`` receives that PIL image (mode ``"L"`` or ``"RGB"``).
+The splits never change (they do not depend on any run's seed); :meth:`DigitsBenchmark.split_info` records
+them with their indices. Items are ``(image, label)`` with Python-int labels. The :math:`8 \times 8` image is
+resized (bilinear) to ``image_size`` and given ``channels`` identical channels; without a ``transform`` it
+becomes a float tensor :math:`channels \times image\_size \times image\_size` in :math:`[0, 1]`, otherwise
+the ``transform`` receives that PIL image (mode ``"L"`` or ``"RGB"``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from pytorch_ood.benchmark import Benchmark
 from torch.utils.data import ConcatDataset, Dataset
 
 from ._checks import check_channels, check_positive, check_transform
+from ._splits import holdout, split_entry, validation_set_of
 
 __all__ = ["DigitsBenchmark"]
 
@@ -50,6 +53,7 @@ _LEVELS = 16  # the digits have grey levels 0..16
 _SPLIT_SEED = 0
 _VAL_FRACTION = 0.1
 _TEST_FRACTION = 0.3
+_OOD_VAL_FRACTION = 0.2  # of each OOD source
 _PATCH_SEED, _GAUSSIAN_SEED, _UNIFORM_SEED = 1, 2, 3
 
 
@@ -111,16 +115,18 @@ class _DigitsFormatImages(Dataset):
 
 
 def _split_indices(targets: np.ndarray, classes: Sequence[int]) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(_SPLIT_SEED)
-    parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
-    for cls in classes:
-        members = rng.permutation(np.flatnonzero(targets == cls))
-        n_test = int(round(_TEST_FRACTION * len(members)))
-        n_val = int(round(_VAL_FRACTION * len(members)))
-        parts["test"].append(members[:n_test])
-        parts["val"].append(members[n_test : n_test + n_val])
-        parts["train"].append(members[n_test + n_val :])
-    return {name: np.sort(np.concatenate(chunks)) for name, chunks in parts.items()}
+    """Indices into the digits of the train/val/test splits of the in-distribution ``classes``."""
+    members = np.flatnonzero(np.isin(targets, list(classes)))
+    test, val, train = holdout(targets[members], [_TEST_FRACTION, _VAL_FRACTION], _SPLIT_SEED)
+    return {"train": members[train], "val": members[val], "test": members[test]}
+
+
+def _ood_parts(labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Positions of the validation and test parts of one OOD source (stratified by ``labels``)."""
+    if len(labels) < 2:
+        return {"val": np.arange(0), "test": np.arange(len(labels))}
+    val, test = holdout(labels, [_OOD_VAL_FRACTION], _SPLIT_SEED)
+    return {"val": val, "test": test}
 
 
 def _image_patches(count: int) -> np.ndarray:
@@ -152,18 +158,21 @@ def _noise(kind: str, count: int) -> np.ndarray:
     return _to_digit_levels(images)
 
 
-def _ood_images(images: np.ndarray, targets: np.ndarray, ood_size: int) -> list[np.ndarray]:
-    """The 8x8 images of the OOD sets, in the order of ``ood_names``."""
-    near = targets >= DigitsBenchmark.num_classes
-    return [images[near], _image_patches(ood_size), _noise("gaussian", ood_size), _noise("uniform", ood_size)]
+def _ood_sources(images: np.ndarray, targets: np.ndarray, ood_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(8x8 images, stratification labels)`` of each OOD source, in the order of ``ood_names``; the digits
+    6–9 carry their digit, the synthetic sources one label."""
+    near = np.flatnonzero(targets >= DigitsBenchmark.num_classes)
+    synthetic = [_image_patches(ood_size), _noise("gaussian", ood_size), _noise("uniform", ood_size)]
+    return [(images[near], targets[near]), *((a, np.zeros(len(a), dtype=np.int64)) for a in synthetic)]
 
 
 class DigitsBenchmark(Benchmark):
     """Offline OOD benchmark on scikit-learn's bundled digits (see the module documentation for the sets).
 
-    In-distribution: digits 0–5 (train 650, validation 108, test 325). ``ood_names`` are
-    ``digits_6_9`` (714), ``image_patches``, ``gaussian_noise`` and ``uniform_noise`` (``ood_size`` each,
-    500 by default). OOD labels are ``-1``.
+    In-distribution: digits 0–5 (train 650, validation 108, test 325). ``ood_names`` (test) and
+    ``ood_val_names`` (validation) are ``digits_6_9`` (571 test / 143 validation), ``image_patches``,
+    ``gaussian_noise`` and ``uniform_noise`` (80% / 20% of ``ood_size``: 400 / 100 by default). OOD labels
+    are ``-1``.
 
     .. code-block:: python
 
@@ -204,7 +213,7 @@ class DigitsBenchmark(Benchmark):
             ``None`` gives float tensors :math:`channels \\times image\\_size \\times image\\_size` in :math:`[0, 1]`
         :param image_size: side of the square images, at least 8
         :param channels: 1 (grey) or 3 (the grey value repeated, as RGB models expect)
-        :param ood_size: number of images of each synthetic or patch OOD set
+        :param ood_size: number of images of each synthetic or patch OOD source (validation and test parts)
         :param memoize: keep each transformed item after its first read (up to 256 MiB per split). Only for a
             deterministic ``transform``: an augmenting one would repeat its first draw
         :raises TypeError/ValueError: for a bad ``transform``, ``image_size``, ``channels`` or ``ood_size``
@@ -234,18 +243,29 @@ class DigitsBenchmark(Benchmark):
         self.val_in = make(images[self.indices["val"]], targets[self.indices["val"]])
         self.test_in = make(images[self.indices["test"]], targets[self.indices["test"]])
 
-        self.test_oods: list[Dataset] = [make(a, [-1] * len(a)) for a in _ood_images(images, targets, ood_size)]
-        #: OOD dataset names, in the order of :meth:`test_sets`
+        #: OOD set names (the same for the test and the validation parts), in the order of :meth:`test_sets`
         self.ood_names: list[str] = ["digits_6_9", "image_patches", "gaussian_noise", "uniform_noise"]
         #: group of each OOD set: the unseen digits are near-OOD, the rest far-OOD
         self.ood_groups: dict[str, str] = {name: "far" for name in self.ood_names} | {"digits_6_9": "near"}
-        log.debug(
-            "DigitsBenchmark: train %d, val %d, test %d, OOD %s",
-            len(self.train_in),
-            len(self.val_in),
-            len(self.test_in),
-            {n: len(d) for n, d in zip(self.ood_names, self.test_oods)},
-        )
+        self._split_ood(_ood_sources(images, targets, ood_size), make)
+        self._ood_size, self._near_indices = ood_size, np.flatnonzero(targets >= self.num_classes)
+        log.debug("DigitsBenchmark: train %d, val %d, test %d, OOD test %s, OOD val %s", len(self.train_in),
+                  len(self.val_in), len(self.test_in), {n: len(d) for n, d in zip(self.ood_names, self.test_oods)},
+                  {n: len(d) for n, d in zip(self.ood_val_names, self.val_oods)})  # fmt: skip
+
+    def _split_ood(self, sources: list[tuple[np.ndarray, np.ndarray]], make) -> None:
+        """The validation and test parts of each OOD source (``ood_indices``, ``test_oods``, ``val_oods``)."""
+        #: positions within each OOD source of its validation and test parts
+        self.ood_indices: dict[str, dict[str, np.ndarray]] = {
+            name: _ood_parts(labels) for name, (_, labels) in zip(self.ood_names, sources)
+        }
+        parts = {key: [make(a[self.ood_indices[n][key]], [-1] * len(self.ood_indices[n][key]))
+                       for n, (a, _) in zip(self.ood_names, sources)] for key in ("val", "test")}  # fmt: skip
+        self.test_oods: list[Dataset] = parts["test"]
+        #: the OOD validation sets (sources too small to split have none)
+        self.ood_val_names: list[str] = [n for n, d in zip(self.ood_names, parts["val"]) if len(d)]
+        self.ood_val_groups: dict[str, str] = {n: self.ood_groups[n] for n in self.ood_val_names}
+        self.val_oods: list[Dataset] = [d for d in parts["val"] if len(d)]
 
     def train_set(self) -> Dataset:
         """In-distribution training set (650 images of the digits 0–5)."""
@@ -256,10 +276,41 @@ class DigitsBenchmark(Benchmark):
         calibration and OOD thresholds."""
         return self.val_in
 
+    def ood_val_sets(self) -> list[Dataset]:
+        """The OOD validation sets (20% of each source), in the order of ``ood_val_names``."""
+        return list(self.val_oods)
+
+    def validation_set(self) -> Dataset | None:
+        """ID validation (108) + every OOD validation set (labelled ``-1``): the ``val_loader`` of GridSearch."""
+        return validation_set_of(self.val_in, self.val_oods)
+
+    def split_info(self) -> dict:
+        """The JSON record of the splits (:mod:`._splits`), with their indices: ID splits and ``digits_6_9``
+        into ``load_digits()``, the synthetic sets as positions among the ``ood_size`` generated images."""
+
+        def ood(key: str, names: list[str]) -> dict:
+            entries = {}
+            for name in names:
+                positions = self.ood_indices[name][key]
+                indices = self._near_indices[positions] if name == "digits_6_9" else positions
+                entries[name] = split_entry(indices.tolist(), group=self.ood_groups[name], indices=indices.tolist())
+            return entries
+
+        return {
+            "benchmark": "digits",
+            "seed": _SPLIT_SEED,
+            "classes": list(self.class_names),
+            "sources": {"train": "digits 0-5, 60%", "val": "digits 0-5, 10%", "test": "digits 0-5, 30%"},
+            "splits": {k: split_entry(v.tolist(), indices=v.tolist()) for k, v in self.indices.items()},
+            "ood_size": self._ood_size,
+            "ood_val": ood("val", self.ood_val_names),
+            "ood_test": ood("test", self.ood_names),
+        }
+
     def test_sets(self, known: bool = True, unknown: bool = True) -> list[Dataset]:
         """
         :param known: include the in-distribution test set (325 images)
-        :param unknown: include the OOD sets
+        :param unknown: include the OOD test sets (the test parts of the OOD sources)
         :return: with ``known`` and ``unknown``, one dataset per entry of ``ood_names`` that combines the ID
             test set with that OOD set; with ``unknown`` only, the OOD sets in the order of ``ood_names``;
             with ``known`` only, the ID test set, once. OOD samples are labelled ``-1``.

@@ -3,17 +3,24 @@
 Input rows are those of :func:`compare` (fractions). :func:`summarize` averages each (model, seed,
 method) over the OOD sets of each group, then over seeds: mean and sample standard deviation (no std
 for one seed). Tables print percentages.
+
+**What is reported, what chooses**: the summary's numbers are the *test* rows (ID test + OOD test sets).
+The "best" marks (``*`` in the terminal, bold in ``report.md``) are chosen on the *validation* rows (ID
+validation + OOD validation sets), never on the test sets: in each column the entries with the best mean
+of that column's metric on the validation sets of the same group (on all validation sets when the group
+has none there). Without validation rows nothing is marked.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+import textwrap
 from collections.abc import Sequence
 
 from ._compare import METRIC_KEYS
 
-__all__ = ["format_summary", "format_table", "report_markdown", "summarize"]
+__all__ = ["format_summary", "format_table", "marks_note", "report_markdown", "summarize"]
 
 _GROUPS = ("near", "far")
 _SUMMARY_METRICS = ("AUROC", "FPR95-ID")
@@ -33,24 +40,36 @@ def _check_rows(rows) -> None:
         raise TypeError("rows must be a list of dicts, as returned by compare().")
 
 
+def _group_means(members: list[dict], prefix: str) -> dict[str, float]:
+    values = {}
+    for group in (*_GROUPS, "all"):
+        chosen = [r for r in members if group == "all" or r["group"] == group]
+        for metric in _SUMMARY_METRICS:
+            values[f"{prefix}{group} {metric}"] = statistics.fmean(r[metric] for r in chosen) if chosen else math.nan
+    return values
+
+
 def summarize(rows: Sequence[dict]) -> list[dict]:
-    """One entry per (model, method): ``near``/``far`` mean and std (over seeds) of AUROC and FPR95-ID, ACC,
-    ECE, images_per_s, ``speed`` (throughput relative to ``ce`` + ``MaxSoftmax`` when present), ``seeds``.
+    """One entry per (model, method): ``near``/``far`` mean and std (over seeds) of AUROC and FPR95-ID on the
+    test rows, the same on the validation rows (``val near AUROC``, ..., and ``val all ...`` over every
+    validation set; NaN without them), ACC, ECE, images_per_s, ``speed`` (throughput relative to ``ce`` +
+    ``MaxSoftmax`` when present), ``seeds``. Rows without a ``split`` count as test rows.
 
     :raises TypeError: if ``rows`` is not a list of dicts
     """
     _check_rows(rows)
     per_seed: dict[tuple, dict] = {}
     for row in rows:
-        entry = per_seed.setdefault((row["model"], row["method"], row["seed"]), {"rows": [], "first": row})
-        entry["rows"].append(row)
+        entry = per_seed.setdefault((row["model"], row["method"], row["seed"]), {"test": [], "val": []})
+        entry["val" if row.get("split") == "val" else "test"].append(row)
     pairs: dict[tuple, list[dict]] = {}
     for (model, method, _), entry in per_seed.items():
-        values = {key: entry["first"][key] for key in ("ACC", "ECE", "images_per_s")}
-        for group in _GROUPS:
-            members = [r for r in entry["rows"] if r["group"] == group]
-            for metric in _SUMMARY_METRICS:
-                values[f"{group} {metric}"] = statistics.fmean(r[metric] for r in members) if members else math.nan
+        if not entry["test"]:
+            continue
+        values = {key: entry["test"][0][key] for key in ("ACC", "ECE", "images_per_s")}
+        values.update(_group_means(entry["test"], ""))
+        values.update(_group_means(entry["val"], "val "))
+        del values["all AUROC"], values["all FPR95-ID"]
         pairs.setdefault((model, method), []).append(values)
     baseline = pairs.get(_BASELINE)
     base_rate = statistics.fmean(v["images_per_s"] for v in baseline) if baseline else None
@@ -64,15 +83,27 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
     return summary
 
 
-def _best(summary: list[dict]) -> dict[str, float]:
-    best = {}
+def _marked(summary: list[dict]) -> dict[str, set[tuple[str, str]]]:
+    """``{column: {(model, method), ...}}``: the best entries of each column, chosen on the validation keys."""
+    marked = {}
     for group in _GROUPS:
         for metric in _SUMMARY_METRICS:
-            key = f"{group} {metric}"
-            values = [s[key] for s in summary if not math.isnan(s[key])]
+            chooser = f"val {group} {metric}"
+            if all(math.isnan(s.get(chooser, math.nan)) for s in summary):
+                chooser = f"val all {metric}"
+            values = [s[chooser] for s in summary if not math.isnan(s.get(chooser, math.nan))]
             if values:
-                best[key] = max(values) if _HIGHER_IS_BETTER[metric] else min(values)
-    return best
+                best = max(values) if _HIGHER_IS_BETTER[metric] else min(values)
+                marked[f"{group} {metric}"] = {(s["model"], s["method"]) for s in summary if s.get(chooser) == best}
+    return marked
+
+
+def marks_note(summary: Sequence[dict]) -> str:
+    """The sentence that says what the marks mean (or that there are none)."""
+    if _marked(list(summary)):
+        return ("best marks chosen on the OOD validation split (per column: same group, else all validation "
+                "sets); the numbers are test results")  # fmt: skip
+    return "no best marks: the benchmark has no OOD validation split (marks are never chosen on test sets)"
 
 
 def _pm(item: dict, key: str, digits: int = 1) -> str:
@@ -93,23 +124,28 @@ def _text_table(header: list[str], body: list[list[str]], left: int) -> list[str
 
 
 def format_summary(summary: Sequence[dict]) -> str:
-    """The summary as a terminal table (at most 100 columns for the usual names); ``*`` marks the best.
+    """The summary as a terminal table (at most 100 columns for the usual names); ``*`` marks the best on the
+    validation split (see the module documentation).
 
-    Columns: near/far AUROC and FPR95-ID (ID positive) in percent (mean±std over seeds), accuracy,
-    throughput relative to ``ce`` + ``MaxSoftmax``.
+    Columns: near/far AUROC and FPR95-ID (ID positive) on the test sets in percent (mean±std over seeds),
+    accuracy, throughput relative to ``ce`` + ``MaxSoftmax``.
     """
     summary = list(summary)
-    best = _best(summary)
+    marked = _marked(summary)
     keys = [f"{g} {m}" for g in _GROUPS for m in _SUMMARY_METRICS]
     header = ["model", "method", "near AUROC", "near FPR95", "far AUROC", "far FPR95", "ACC", "speed"]
     body = []
     for item in summary:
+        entry = (item["model"], item["method"])
         cells = [item["model"], item["method"]]
-        cells += [_pm(item, k) + ("*" if best.get(k) == item[k] else " ") for k in keys]
+        cells += [_pm(item, k) + ("*" if entry in marked.get(k, ()) else " ") for k in keys]
         cells += [_pm(item, "ACC"), f"{item['speed']:.2f}x" if item["speed"] else "-"]
         body.append(cells)
-    notes = "percent, mean±std over seeds; FPR95 = OOD accepted at 95% ID recall; * best; speed vs ce+MaxSoftmax"
-    return "\n".join([*_text_table(header, body, 2), notes])
+    notes = textwrap.wrap(
+        "test sets (ID test + OOD test), percent, mean±std over seeds; FPR95 = OOD accepted at 95% ID recall; "
+        + ("* = " if marked else "") + marks_note(summary) + "; speed vs ce+MaxSoftmax", 100
+    )  # fmt: skip
+    return "\n".join([*_text_table(header, body, 2), *notes])
 
 
 def format_table(rows: Sequence[dict]) -> str:
@@ -118,11 +154,12 @@ def format_table(rows: Sequence[dict]) -> str:
     :raises TypeError: if ``rows`` is not a list of dicts
     """
     _check_rows(rows)
-    columns = ["model", "seed", "method", "dataset", "group", *METRIC_KEYS, "ACC", "ECE", "fit_s", "images_per_s"]
+    columns = ["model", "seed", "split", "method", "dataset", "group", *METRIC_KEYS, "ACC", "ECE", "fit_s",
+               "images_per_s"]
     percent = {*METRIC_KEYS, "ACC", "ECE"}
 
     def cell(key, value):
-        if value is None:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
             return "-"
         if key in percent:
             return f"{100 * float(value):.2f}"
@@ -133,26 +170,32 @@ def format_table(rows: Sequence[dict]) -> str:
         return str(value)
 
     header = [f"{c} (%)" if c in percent else c for c in columns]
-    body = [[cell(c, row.get(c)) for c in columns] for row in rows]
-    note = "FPR95TPR: OOD positive (pytorch-ood); FPR95-ID: in-distribution positive (conventional)."
-    return "\n".join([*_text_table(header, body, 5), note])
+    body = [[cell(c, row.get(c, "test" if c == "split" else None)) for c in columns] for row in rows]
+    notes = ["split test: ID test + OOD test sets (the reported numbers); val: ID validation + OOD validation "
+             "sets (for choices only).", "FPR95TPR: OOD positive (pytorch-ood); FPR95-ID: in-distribution "
+             "positive (conventional)."]  # fmt: skip
+    return "\n".join([*_text_table(header, body, 6), *notes])
 
 
 def report_markdown(summary: Sequence[dict], rows: Sequence[dict], *, title: str, notes: Sequence[str] = ()) -> str:
-    """``report.md``: the summary table (best in bold), the notes, then the per-set table.
+    """``report.md``: the summary table of the test sets (best on validation in bold), the notes, then the
+    per-set table (test and validation rows).
 
     :param summary: from :func:`summarize`
     :param rows: from :func:`compare`
     :param title: first heading
-    :param notes: lines shown under the summary (tuning, groups, unsupported detectors, ...)
+    :param notes: lines shown under the summary (splits, tuning, groups, unsupported detectors, ...)
     """
     summary = list(summary)
-    best = _best(summary)
+    marked = _marked(summary)
     keys = [f"{g} {m}" for g in _GROUPS for m in _SUMMARY_METRICS]
-    lines = [f"# {title}", "", "| model | method | near AUROC | near FPR95-ID | far AUROC | far FPR95-ID | ACC | ECE "
-             "| images/s | speed |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    note = marks_note(summary)
+    lines = [f"# {title}", "", f"Test sets (ID test + OOD test). {note[0].upper() + note[1:]}.", "",
+             "| model | method | near AUROC | near FPR95-ID | far AUROC | far FPR95-ID | ACC | ECE | images/s "
+             "| speed |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for item in summary:
-        cells = [f"**{_pm(item, k)}**" if best.get(k) == item[k] else _pm(item, k) for k in keys]
+        entry = (item["model"], item["method"])
+        cells = [f"**{_pm(item, k)}**" if entry in marked.get(k, ()) else _pm(item, k) for k in keys]
         speed = f"{item['speed']:.2f}x" if item["speed"] else "-"
         lines.append(
             f"| {item['model']} | {item['method']} | {' | '.join(cells)} | {_pm(item, 'ACC')} | {_pm(item, 'ECE')} "

@@ -2,10 +2,17 @@
 
 :func:`create_benchmark` builds ``"digits"`` (:class:`DigitsBenchmark`), an image folder
 (:class:`FolderBenchmark`) or one of pytorch-ood's image benchmarks: ``CIFAR10_ODIN``, ``CIFAR100_ODIN``,
-``CIFAR10_OpenOOD``, ``CIFAR100_OpenOOD``, ``ImageNet_OpenOOD``, ``ImageNet200_OpenOOD``. Nothing is ever
-downloaded: the ODIN files are checked before construction, the OpenOOD benchmarks are built with
-``download=False`` and a sample of the listed images is checked; a :class:`FileNotFoundError` names what is
-missing. Every benchmark gets ``ood_groups`` (``{set name: "near" | "far"}``) and ``num_classes``.
+``CIFAR10_OpenOOD``, ``CIFAR100_OpenOOD``, ``ImageNet_OpenOOD``, ``ImageNet200_OpenOOD`` (wrapped in a
+:class:`~._wrapped.StandardBenchmark`). Every benchmark it returns has the split interface of
+:mod:`._splits` (``train_set``, ``val_set``, ``test_sets``, ``ood_names``/``ood_groups``,
+``ood_val_names``/``ood_val_groups``/``ood_val_sets``, ``validation_set``, ``split_info``) and
+``num_classes``. Nothing is ever downloaded: the ODIN files are checked before construction, the OpenOOD
+benchmarks are built with ``download=False`` and a sample of the listed images is checked; a
+:class:`FileNotFoundError` names what is missing.
+
+**Names win over folders**: ``"digits"`` (or another name of :data:`BENCHMARK_NAMES`, any case) is the
+benchmark even when a folder of that name is in the working directory (a log line says the folder is not
+used); the folder is taken when the path is explicit: ``./digits``, a path with a separator, or absolute.
 
 Groups of the standard benchmarks (:data:`STANDARD_GROUPS`): the OpenOOD v1.5 near/far lists; for the ODIN
 benchmarks, which define no groups, TinyImageNet is near-OOD (as OpenOOD v1.5 treats it for CIFAR) and
@@ -24,6 +31,7 @@ from pytorch_ood.benchmark import Benchmark
 from ._checks import check_channels, check_positive, check_transform
 from ._digits import DigitsBenchmark
 from ._folder import FolderBenchmark
+from ._wrapped import StandardBenchmark
 
 __all__ = ["BENCHMARK_NAMES", "STANDARD_GROUPS", "check_groups", "create_benchmark"]
 
@@ -83,12 +91,39 @@ def check_groups(benchmark) -> dict[str, str]:
     return {name: groups[name] for name in names}
 
 
+class _EightBitOnly:
+    """Refuse 16-bit and float images (the conversion to 8 bits is the timm adapter's preprocessing)."""
+
+    def __call__(self, image):
+        mode = getattr(image, "mode", "")
+        if mode.startswith("I") or mode == "F":
+            raise ValueError(
+                f"image mode {mode!r} (16/32-bit or float): pass a transform that converts it, e.g. the timm "
+                "adapter's eval_transform (16-bit images to 8 bits), or save the images with 8 bits."
+            )
+        return image
+
+
 def _default_transform(image_size: int, channels: int):
     from pytorch_ood.utils import ToRGB
     from torchvision import transforms
 
     colour = ToRGB() if channels == 3 else transforms.Grayscale(num_output_channels=1)
-    return transforms.Compose([colour, transforms.Resize((image_size, image_size)), transforms.ToTensor()])
+    return transforms.Compose(
+        [_EightBitOnly(), colour, transforms.Resize((image_size, image_size)), transforms.ToTensor()]
+    )
+
+
+def _benchmark_key(name: str) -> str | None:
+    """The benchmark ``name`` stands for (``None``: a folder path); a name wins over a same-named folder unless
+    the path is explicit (starts with ``.``, holds a separator, or is absolute)."""
+    if name.startswith(".") or os.path.isabs(name) or "/" in name or os.sep in name:
+        return None
+    key = {n.lower(): n for n in BENCHMARK_NAMES}.get(name.strip().lower())
+    if key is not None and os.path.isdir(name):
+        log.info("'%s' is the %s benchmark; the folder '%s' in %s is not used (pass ./%s for the folder).", name,
+                 key, name, os.getcwd(), name)  # fmt: skip
+    return key
 
 
 def _missing_error(name: str, root: str, missing: list[str], expected: str) -> FileNotFoundError:
@@ -176,19 +211,27 @@ def create_benchmark(
     transform: Callable | None = None,
     image_size: int = 32,
     channels: int = 3,
+    *,
+    split_seed: int = 0,
+    verify: bool = True,
     **options,
 ) -> Benchmark:
-    """Build a benchmark by name (or from an image folder), with ``ood_groups`` and ``num_classes``.
+    """Build a benchmark by name (or from an image folder), with the split interface and ``num_classes``.
 
-    :param name: ``"digits"``, a name from :data:`BENCHMARK_NAMES` (case-insensitive) or the path of a
+    :param name: ``"digits"``, a name from :data:`BENCHMARK_NAMES` (case-insensitive; it wins over a folder
+        of the same name unless the path is explicit, see the module documentation) or the path of a
         folder laid out for :class:`FolderBenchmark`
     :param root: data directory; required for the standard benchmarks, unused otherwise
     :param transform: callable applied to each PIL image. ``None``: for ``"digits"`` see
         :class:`DigitsBenchmark`; otherwise convert to ``channels`` channels, resize to ``image_size`` and
-        make a float tensor in :math:`[0, 1]`
+        make a float tensor in :math:`[0, 1]` (8-bit images only)
     :param image_size: side of the square images produced without a ``transform``
     :param channels: 1 or 3, for images produced without a ``transform``
-    :param options: ``ood_size`` and ``memoize`` for ``"digits"``, ``image_net_root`` for the ImageNet benchmarks
+    :param split_seed: seed of the splits drawn from training data (folders, ODIN's calibration hold-out);
+        the digits and OpenOOD splits are fixed
+    :param verify: for a folder, open and verify every image first (:class:`FolderBenchmark`)
+    :param options: ``ood_size`` and ``memoize`` for ``"digits"``, ``image_net_root`` for the ImageNet
+        benchmarks
     :return: the benchmark
     :raises ValueError: for an unknown name (the message lists :data:`BENCHMARK_NAMES`), a missing ``root``
         or OOD sets without a near/far group
@@ -199,23 +242,24 @@ def create_benchmark(
     check_transform(transform)
     check_positive("image_size", image_size, integer=True, minimum=1)
     check_channels(channels)
-    lookup = {n.lower(): n for n in BENCHMARK_NAMES}
-    key = lookup.get(name.strip().lower())
+    check_positive("split_seed", split_seed, integer=True, minimum=0)
+    key = _benchmark_key(name)
     if key == "digits":
         return DigitsBenchmark(root, transform, image_size, channels, **options)
     if transform is None:
         transform = _default_transform(image_size, channels)
     if key is None:
         if os.path.isdir(name):
-            return FolderBenchmark(name, transform)
+            if options:
+                raise TypeError(f"a folder benchmark takes no extra options; got {sorted(options)}.")
+            return FolderBenchmark(name, transform, split_seed=split_seed, verify=verify)
         raise ValueError(f"Unknown benchmark '{name}', expected one of {list(BENCHMARK_NAMES)} or a folder path.")
     if root is None:
         raise ValueError(f"root is required for benchmark '{key}': the directory that holds its data.")
     root = os.fspath(root)
     log.info("Building benchmark %s from %s", key, root)
     build = _build_odin if key.endswith("_ODIN") else _build_openood
-    benchmark = build(key, root, transform, options)
-    benchmark.num_classes = _NUM_CLASSES[key]
-    benchmark.ood_groups = dict(STANDARD_GROUPS[key])
+    benchmark = StandardBenchmark(build(key, root, transform, options), key, _NUM_CLASSES[key],
+                                  dict(STANDARD_GROUPS[key]), split_seed)  # fmt: skip
     check_groups(benchmark)
     return benchmark

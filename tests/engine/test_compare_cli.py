@@ -65,9 +65,10 @@ def test_notes_say_which_detectors_did_not_run_where():
     skipped = [{"model": "dismax", "method": "ViM", "reason": "needs W", "seed": s} for s in (0, 1)]
     skipped.append({"model": "logitnorm", "method": "SHE", "reason": "fit failed", "seed": 1})
     notes = _notes(data, rows, skipped, [0, 1])
-    assert "near-OOD sets: a; far-OOD sets: b" in notes and "seeds: [0, 1]" in notes
+    assert "near-OOD test sets: a; far-OOD test sets: b" in notes and "seeds: [0, 1]" in notes
     assert "ViM not run on dismax: needs W" in notes and "SHE not run on logitnorm (seeds [1]): fit failed" in notes
     assert any("pytorch-ood's defaults" in note for note in notes)
+    assert any("T = 1" in note for note in notes) and any("reported numbers: the test sets" in n for n in notes)
 
 
 def _read_csv(path):
@@ -81,9 +82,14 @@ def test_digits_comparison_writes_tidy_results_report_and_figures(tmp_path, capl
     with caplog.at_level("INFO", logger="dismax_plugin"):
         assert run_compare(args, tracker) == 0
     out = tmp_path / "cmp"
-    rows = _read_csv(out / "results.csv")
-    assert list(rows[0]) == ["model", "seed", "method", "dataset", "group", "AUROC", "AUPR-IN", "AUPR-OUT",
-                             "FPR95-ID", "FPR95TPR", "ACC", "ECE", "ECE-raw", "fit_s", "images_per_s", "tuning"]
+    every = _read_csv(out / "results.csv")
+    assert list(every[0]) == ["model", "seed", "split", "method", "dataset", "group", "AUROC", "AUPR-IN",
+                              "AUPR-OUT", "FPR95-ID", "FPR95TPR", "ACC", "ECE", "ECE-raw", "fit_s", "images_per_s",
+                              "tuning"]  # fmt: skip
+    rows = [r for r in every if r["split"] == "test"]
+    validation = [r for r in every if r["split"] == "val"]  # the digits have OOD validation sets
+    assert len(validation) == len(rows) and {r["dataset"] for r in validation} == {r["dataset"] for r in rows}
+    assert {r["tuning"].split()[0] for r in rows if r["method"] == "KNN"} == {"GridSearch"}
     assert {(r["model"], r["seed"]) for r in rows} == {(m, s) for m in ("dismax", "logitnorm") for s in "01"}
     assert {r["group"] for r in rows if r["dataset"] == "digits_6_9"} == {"near"}
     assert {r["group"] for r in rows if r["dataset"] != "digits_6_9"} == {"far"}
@@ -93,7 +99,9 @@ def test_digits_comparison_writes_tidy_results_report_and_figures(tmp_path, capl
     summary = json.loads((out / "results.json").read_text())["summary"]
     assert all(s["seeds"] == 2 and s["near AUROC std"] is not None for s in summary)
     report = (out / "report.md").read_text()
-    assert "| logitnorm | MaxSoftmax |" in report and "**" in report and "near-OOD sets: digits_6_9" in report
+    assert "| logitnorm | MaxSoftmax |" in report and "**" in report and "near-OOD test sets: digits_6_9" in report
+    assert "chosen on the OOD validation split" in report and "GridSearch on the validation split" in report
+    assert "ID test = digits 0-5, 30%" in report and "OOD validation sets: digits_6_9 (near, 143)" in report
     default = dp.DisMaxHead.default_score.upper()
     for figure in ("near_far_auroc.png", f"histogram_dismax_{default}.png", "histogram_logitnorm_MaxSoftmax.png"):
         assert Image.open(out / figure).size[0] > 300
@@ -224,7 +232,12 @@ def test_standard_benchmark_end_to_end_from_a_replica_on_disk(name, offline, mon
     out = offline / "cmp"
     args = _args(out, data=name, data_root=str(root), image_size=16, max_train_samples=None)
     assert run_compare(args, Tracker()) == 0
-    rows = _read_csv(out / "results.csv")
+    every = _read_csv(out / "results.csv")
+    rows = [r for r in every if r["split"] == "test"]
+    # OpenOOD's own OOD validation set is scored as validation rows; ODIN has none
+    assert {r["dataset"] for r in every if r["split"] == "val"} == ({"TinyImageNet"} if "CIFAR" in name and
+                                                                   "OpenOOD" in name else {"OpenImagesO"} if
+                                                                   "OpenOOD" in name else set())  # fmt: skip
     groups = STANDARD_GROUPS[name]
     for model in ("dismax", "ce"):
         for method in ("MaxSoftmax", "KNN"):

@@ -1,6 +1,6 @@
 """The engine's parts without the command line around them: the generated options, schedulers and their
-exact resume, safe checkpoints, losses (FPR + smoothing, LogitNorm), augmentation, the folder hold-out,
-mixed precision and the tracked inputs."""
+exact resume, safe checkpoints, losses (FPR + smoothing, LogitNorm), augmentation, mixed precision and the
+tracked inputs (the folder hold-outs: test_splits.py)."""
 
 from __future__ import annotations
 
@@ -201,30 +201,6 @@ def test_augment_randomises_the_training_images_only():
     assert any(not torch.equal(draws[0], d) for d in draws[1:])  # random crops/flips differ between reads
     assert torch.equal(_first_image(augmented.fit), _first_image(plain.fit))  # evaluation data is untouched
     assert draws[0].shape == _first_image(plain.train).shape
-
-
-def test_folder_data_holds_out_ten_percent_of_train_for_calibration(tmp_path):
-    import numpy as np
-    from PIL import Image
-
-    from dismax_plugin.adapters.engine.data import VAL_FRACTION, build_data
-    from dismax_plugin.adapters.timm.preprocessing import preprocessing_config
-
-    rng = np.random.default_rng(0)
-    for label, count in (("a", 23), ("b", 17)):
-        folder = tmp_path / "train" / label
-        folder.mkdir(parents=True)
-        for i in range(count):
-            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    (tmp_path / "ood" / "far" / "noise").mkdir(parents=True)
-    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "ood" / "far" / "noise" / "0.png")
-    data = build_data(str(tmp_path), preprocessing_config("test_resnet", 16, 3), seed=5)
-    assert VAL_FRACTION == 0.1 and len(data.val) == 4 and len(data.train) == len(data.fit) == 36  # round(0.1 * 40)
-    assert set(data.val.indices).isdisjoint(data.fit.indices)
-    assert sorted(data.val.indices + data.fit.indices) == list(range(40))
-    assert data.train.indices == data.fit.indices  # the same images are held out of the training split
-    other = build_data(str(tmp_path), preprocessing_config("test_resnet", 16, 3), seed=6)
-    assert other.val.indices != data.val.indices  # drawn with the run's seed
 
 
 # --------------------------------------------------------------------------- end to end, in process

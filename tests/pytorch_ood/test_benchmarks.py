@@ -32,11 +32,15 @@ def test_split_sizes_are_the_documented_ones(bench, digits):
     assert isinstance(bench, Benchmark)
     assert (len(bench.train_set()), len(bench.val_set()), len(bench.test_sets(unknown=False)[0])) == (650, 108, 325)
     assert bench.ood_names == ["digits_6_9", "image_patches", "gaussian_noise", "uniform_noise"]
-    assert [len(d) for d in bench.test_sets(known=False)] == [714, 500, 500, 500]
-    assert int((digits.target >= 6).sum()) == 714
+    assert [len(d) for d in bench.test_sets(known=False)] == [571, 400, 400, 400]
+    assert bench.ood_val_names == bench.ood_names and bench.ood_val_groups == bench.ood_groups
+    assert [len(d) for d in bench.ood_val_sets()] == [143, 100, 100, 100]  # 20% of each OOD source
+    assert int((digits.target >= 6).sum()) == 714 == 571 + 143
     combined = bench.test_sets()
     assert len(combined) == len(bench.ood_names)
-    assert [len(d) for d in combined] == [325 + 714, 825, 825, 825]
+    assert [len(d) for d in combined] == [325 + 571, 725, 725, 725]
+    validation = bench.validation_set()
+    assert len(validation) == 108 + 443 and int((torch.tensor([y for _, y in validation]) < 0).sum()) == 443
     with pytest.raises(ValueError, match="known"):
         bench.test_sets(known=False, unknown=False)
 
@@ -50,6 +54,14 @@ def test_splits_are_disjoint_stratified_and_cover_digits_0_to_5(bench, digits):
         expected = np.rint(size * np.bincount(digits.target)[:6])
         np.testing.assert_array_equal(counts, expected)
     assert DigitsBenchmark().indices["test"].tolist() == bench.indices["test"].tolist()  # fixed split
+    # the OOD sources: validation and test parts are disjoint and make up the source
+    info = bench.split_info()
+    near_val, near_test = (set(info[k]["digits_6_9"]["indices"]) for k in ("ood_val", "ood_test"))
+    assert not near_val & near_test and near_val | near_test == set(np.flatnonzero(digits.target >= 6).tolist())
+    assert np.bincount(digits.target[sorted(near_val)], minlength=10)[6:].tolist() == [36, 36, 35, 36]  # stratified
+    for name in bench.ood_names[1:]:
+        val, test = (set(info[k][name]["indices"]) for k in ("ood_val", "ood_test"))
+        assert not val & test and val | test == set(range(500))
 
 
 def test_labels_are_python_ints(bench, digits):
@@ -114,7 +126,7 @@ def test_default_collate_on_mixed_id_and_ood(bench):
     x, y = batches[0]
     assert x.shape == (400, 3, 32, 32) and y.dtype == torch.long
     labels = torch.cat([b[1] for b in batches])
-    assert int((labels >= 0).sum()) == 325 and int((labels < 0).sum()) == 714
+    assert int((labels >= 0).sum()) == 325 and int((labels < 0).sum()) == 571
 
 
 def test_bad_arguments_name_the_argument():
@@ -135,7 +147,7 @@ def test_create_benchmark_by_name():
     assert BENCHMARK_NAMES == ("digits", *STANDARD)
     digits = create_benchmark("DiGiTs", image_size=48, channels=1, ood_size=5)
     assert isinstance(digits, DigitsBenchmark)
-    assert digits.train_set()[0][0].shape == (1, 48, 48) and len(digits.test_sets(known=False)[3]) == 5
+    assert digits.train_set()[0][0].shape == (1, 48, 48) and len(digits.test_sets(known=False)[3]) == 4  # 5 - 1 val
     with pytest.raises(ValueError) as error:
         create_benchmark("svhn")
     assert all(name in str(error.value) for name in BENCHMARK_NAMES)
@@ -185,8 +197,15 @@ def test_openood_benchmark_builds_from_data_on_disk(offline):
         (imglists / fname).write_text("mnist/a.png -1\n")
 
     benchmark = create_benchmark("cifar10_openood", root=root, image_size=24)
-    assert isinstance(benchmark, CIFAR10_OpenOOD)
+    assert isinstance(benchmark, Benchmark) and isinstance(benchmark.inner, CIFAR10_OpenOOD)
     assert benchmark.ood_names == [name for name, _ in CIFAR10_OpenOOD._ood_imglists]
+    # OpenOOD's own validation splits: val_in (ID) and the TinyImageNet validation images (OOD)
+    assert benchmark.val_set() is benchmark.inner.val_in and benchmark.ood_val_sets() == [benchmark.inner.val_ood]
+    assert benchmark.ood_val_names == ["TinyImageNet"] and benchmark.ood_val_groups == {"TinyImageNet": "near"}
+    assert len(benchmark.validation_set()) == 2
+    info = benchmark.split_info()
+    assert info["benchmark"] == "CIFAR10_OpenOOD" and info["splits"]["train"]["size"] == 1
+    assert set(info["ood_test"]) == set(benchmark.ood_names) and "TinyImageNet" in info["ood_val"]
     x, y = benchmark.train_set()[0]
     assert x.shape == (3, 24, 24) and y == 3
     x, y = benchmark.test_sets(known=False)[2][0]  # grey MNIST image made RGB
@@ -223,8 +242,8 @@ def test_folder_benchmark_groups_near_far_and_flat_sets(tmp_path, caplog):
 def test_folder_benchmark_rejects_empty_and_duplicate_ood_sets(tmp_path):
     from dismax_plugin.adapters.pytorch_ood import FolderBenchmark
 
-    for i, label in enumerate(("a", "b")):
-        _image(tmp_path / "train" / label / f"{i}.png", i)
+    for i in range(12):
+        _image(tmp_path / "train" / "ab"[i % 2] / f"{i}.png", i)
     (tmp_path / "ood" / "far" / "empty").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="empty.*no images"):
         FolderBenchmark(tmp_path)
