@@ -69,7 +69,7 @@ def make_step(variant: str, batch: int, dim: int, classes: int, seed: int = 0):
         torch.manual_seed(seed)
         module = HEAD_VARIANTS[variant](dim, classes)
         if variant == "IsoMaxHead":  # zero prototypes are a degenerate case; use trained-like ones
-            nn.init.normal_(module.prototypes)
+            nn.init.normal_(module.weight)
         x = torch.randn(batch, dim, generator=generator).requires_grad_(True)
         upstream = torch.randn(batch, classes, generator=generator)
 

@@ -12,13 +12,20 @@ the feature vector to the prototypes, divided by a (calibrated) ``temperature`` 
   :math:`z_j = -(d_j + \frac{1}{C}\sum_k d_k)`.
 
 The heads follow timm's head protocol: ``(in_features, num_classes, *, device=None, dtype=None)``,
-``forward(x, pre_logits=False)`` and ``reset(num_classes)``. Deployment state (the temperature and OOD
-thresholds stored at chosen in-distribution TPRs) lives in buffers and round-trips through
-``state_dict``.
+``forward(x, pre_logits=False)`` and ``reset(num_classes)``; the prototypes are ``weight``
+(:math:`C \times D`, as ``nn.Linear.weight``).
 
-The logits are divided by the temperature so that probabilities are calibrated; OOD scores are taken from
-the logits at :math:`T = 1` (:meth:`PrototypeHead.ood_score` multiplies the temperature back, see
-:func:`dismax_plugin.scores.ood_score`), so calibration never changes which inputs are flagged.
+**Training mode** returns :math:`E z`, the logits at :math:`T = 1` times the entropic scale :math:`E`
+(:data:`ENTROPIC_SCALE`, 10): the isotropic losses are then the plain cross-entropy of the head's output,
+so any training code that applies ``nn.CrossEntropyLoss`` (timm's ``train.py`` and its stock losses
+included) trains the isotropic loss, and nothing scales twice. **Eval mode** returns the calibrated logits
+:math:`z / T`.
+
+Deployment state lives in buffers and round-trips through ``state_dict``: the ``temperature``, the sorted
+``calibration_scores`` of every native score on held-out in-distribution data (so a threshold at any TPR,
+for any score, is an order statistic: :meth:`PrototypeHead.threshold`) and the chosen ``score``. OOD scores
+are taken from the logits at :math:`T = 1` (:meth:`PrototypeHead.ood_score` multiplies the temperature back,
+see :func:`dismax_plugin.scores.ood_score`), so calibration never changes which inputs are flagged.
 
 ``forward`` is traceable and scriptable (``torch.fx.symbolic_trace``, ``torch.jit.script``/``trace``,
 ``torch.export``, ``torch.compile``): its argument checks run in eager mode only.
@@ -27,61 +34,75 @@ the logits at :math:`T = 1` (:meth:`PrototypeHead.ood_score` multiplies the temp
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import warnings
 
 import torch
 from torch import nn
 
-from ._checks import check_choice, check_positive
+from ._checks import check_choice, check_logits, check_positive
 from .distances import euclidean_distances, normalized_distances
 from .scores import SCORE_NAMES, ood_score
-from .thresholds import _check_tpr
+from .thresholds import threshold_at
 
 # torch.fx records the distance functions as calls (leaves) instead of tracing their eager-only dispatch.
 torch.fx.wrap("euclidean_distances")
 torch.fx.wrap("normalized_distances")
 
-__all__ = ["HEADS", "DisMaxHead", "IsoMaxHead", "IsoMaxPlusHead", "PrototypeHead", "create_head"]
+ENTROPIC_SCALE = 10.0
+"""The entropic scale :math:`E` of the papers: the factor of the logits in training mode (the one definition;
+each head's ``entropic_scale`` defaults to it)."""
+
+__all__ = ["ENTROPIC_SCALE", "HEADS", "DisMaxHead", "IsoMaxHead", "IsoMaxPlusHead", "PrototypeHead", "create_head"]
 
 
 class PrototypeHead(nn.Module):
-    """Base class: prototypes, temperature, thresholds, checks. Subclasses define :meth:`distance_logits`.
+    r"""Base class: prototypes, entropic scale, temperature, calibration scores. Subclasses define ``_logits``.
 
     :param in_features: feature width :math:`D` (the ``in_features`` of the replaced ``nn.Linear``).
-    :param num_classes: number of classes :math:`C \\ge 2`.
+    :param num_classes: number of classes :math:`C \ge 2`.
+    :param entropic_scale: :math:`E > 0`, the factor of the logits in training mode (default
+        :data:`ENTROPIC_SCALE`).
+
+    ``weight`` (:math:`C \times D`, named as ``nn.Linear.weight`` so that timm's classifier handling and
+    parameter-group code see it) holds one prototype per class. In training mode the head returns
+    :math:`E z` (``z`` the logits at temperature 1), so the plain cross-entropy of its output is the
+    isotropic loss; in eval mode it returns the calibrated logits :math:`z / T`.
     """
 
     kind: str = ""
-    #: name of the OOD score used when none is given (one of :data:`dismax_plugin.SCORE_NAMES`)
+    #: name of the OOD score used when none is chosen (one of :data:`dismax_plugin.SCORE_NAMES`)
     default_score: str = ""
-    __jit_unused_properties__ = ["stored_score", "stored_thresholds"]
+    __jit_unused_properties__ = ["score", "calibration_size"]
 
-    def __init__(self, in_features: int, num_classes: int, *, device=None, dtype=None):
+    def __init__(
+        self, in_features: int, num_classes: int, *, entropic_scale: float = ENTROPIC_SCALE, device=None, dtype=None
+    ):
         super().__init__()
         check_positive("in_features", in_features, integer=True, minimum=1)
         check_positive("num_classes", num_classes, integer=True, minimum=2)
+        check_positive("entropic_scale", entropic_scale)
         dd = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.num_classes = num_classes
-        self.prototypes = nn.Parameter(torch.empty(num_classes, in_features, **dd))
+        self.entropic_scale = float(entropic_scale)
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features, **dd))
         self.register_buffer("temperature", torch.ones((), **dd))
-        self.register_buffer("thresholds", torch.empty(0, device=device, dtype=torch.float64))
-        self.register_buffer("threshold_tprs", torch.empty(0, device=device, dtype=torch.float64))
-        self.register_buffer("threshold_score", torch.tensor(-1, device=device, dtype=torch.long))
+        self.register_buffer("calibration_scores", _no_scores(device))
+        self.register_buffer("score_index", torch.tensor(-1, device=device, dtype=torch.long))
         self.reset_parameters()
 
     # ---------------------------------------------------------------- parameters
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.prototypes, 0.0, 1.0)
+        nn.init.normal_(self.weight, 0.0, 1.0)
 
     def reset(self, num_classes: int) -> None:
-        """Fresh prototypes for ``num_classes`` classes (timm's ``reset``); clears the thresholds."""
+        """Fresh prototypes for ``num_classes`` classes (timm's ``reset``); clears the calibration scores."""
         check_positive("num_classes", num_classes, integer=True, minimum=2)
-        dd = {"device": self.prototypes.device, "dtype": self.prototypes.dtype}
+        dd = {"device": self.weight.device, "dtype": self.weight.dtype}
         self.num_classes = num_classes
-        self.prototypes = nn.Parameter(torch.empty(num_classes, self.in_features, **dd))
+        self.weight = nn.Parameter(torch.empty(num_classes, self.in_features, **dd))
         self.reset_parameters()
-        self.clear_thresholds()
+        self.clear_calibration()
 
     # ---------------------------------------------------------------- forward
     def _logits(self, features: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
@@ -89,8 +110,18 @@ class PrototypeHead(nn.Module):
         raise NotImplementedError  # pragma: no cover - abstract
 
     def distance_logits(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits before the temperature, i.e. at :math:`T = 1` (no shape checks)."""
+        """Logits :math:`z` before the temperature and the entropic scale, in either mode (no shape checks)."""
         return self._logits(features, torch.ones_like(self.temperature))
+
+    def _output(self, features: torch.Tensor) -> torch.Tensor:
+        """Training mode: :math:`E z` (float32 for half-precision logits); eval mode: :math:`z / T`."""
+        if self.training:
+            logits = self._logits(features, torch.ones_like(self.temperature))
+            # a 1-element float32 factor (not a 0-d one) promotes float16/bfloat16 logits to float32, keeps
+            # float32/float64, and needs no dtype test (which torch.fx could not trace)
+            scale = torch.full((1,), self.entropic_scale, dtype=torch.float32, device=logits.device)
+            return logits * scale
+        return self._logits(features, self.temperature)
 
     def _check_features(self, features) -> None:
         if not isinstance(features, torch.Tensor):
@@ -102,9 +133,10 @@ class PrototypeHead(nn.Module):
             )
 
     def forward(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Logits :math:`B \\times C` from features :math:`B \\times D` (divided by ``temperature``).
+        r"""Logits :math:`B \times C` from features :math:`B \times D`: :math:`E z` in training mode (what the
+        loss takes), :math:`z / T` in eval mode (calibrated).
 
-        :raises ValueError: if ``features`` is not :math:`B \\times D` with ``D == in_features`` (eager mode;
+        :raises ValueError: if ``features`` is not :math:`B \times D` with ``D == in_features`` (eager mode;
             the check is skipped while scripting, tracing, exporting or compiling).
         """
         if not torch.jit.is_scripting():
@@ -112,102 +144,156 @@ class PrototypeHead(nn.Module):
                 self._check_features(features)
         if pre_logits:
             return features
-        return self._logits(features, self.temperature)
+        return self._output(features)
 
     # ---------------------------------------------------------------- deployment
+    @property
+    def score(self) -> str:
+        """The native score used when none is named: the one chosen with :meth:`set_score`, else the
+        class's :attr:`default_score`."""
+        index = int(self.score_index)
+        return SCORE_NAMES[index] if index >= 0 else type(self).default_score
+
+    def set_score(self, name: str | None) -> None:
+        """Choose the native score of :meth:`ood_score`, :meth:`threshold` and :meth:`is_ood` (``None``: the
+        class's :attr:`default_score`). The calibration scores of every score are stored, so thresholds follow."""
+        if name is None:
+            self.score_index.fill_(-1)
+            return
+        self.score_index.fill_(SCORE_NAMES.index(check_choice("score", name, SCORE_NAMES)))
+
     def ood_score(self, logits: torch.Tensor, score: str | None = None) -> torch.Tensor:
         """In-distribution score [B] (float64) of this head's calibrated ``logits`` [B, C], taken at
         :math:`T = 1`: ``scores.ood_score(logits, self.temperature, score)``.
 
-        :param logits: the head's output (divided by its temperature).
-        :param score: one of :data:`dismax_plugin.SCORE_NAMES`; default :attr:`default_score`.
+        :param logits: the head's eval-mode output (divided by its temperature).
+        :param score: one of :data:`dismax_plugin.SCORE_NAMES`; default :attr:`score`.
         """
-        name = check_choice("score", score or self.default_score, SCORE_NAMES)
+        name = check_choice("score", score or self.score, SCORE_NAMES)
         return ood_score(logits, self.temperature.to(torch.float64), name)
 
     def set_temperature(self, temperature: float) -> None:
-        """Set the temperature that divides the logits (e.g. from :func:`calibrate_temperature`)."""
+        """Set the temperature that divides the logits (e.g. from :func:`calibrate_temperature`). Calibration
+        scores stored before belong to the old temperature's logits: re-run :meth:`calibrate_scores`."""
         check_positive("temperature", float(temperature))
         self.temperature.fill_(float(temperature))
 
-    @property
-    def stored_score(self) -> str | None:
-        """Name of the score the stored thresholds apply to, or ``None`` when none are stored."""
-        index = int(self.threshold_score)
-        return SCORE_NAMES[index] if index >= 0 else None
+    def calibrate_scores(self, logits: torch.Tensor) -> None:
+        r"""Store every native score of held-out in-distribution ``logits``, sorted (float64 :math:`S \times N`).
 
-    @property
-    def stored_thresholds(self) -> dict[float, float]:
-        """``{tpr: threshold}`` as stored (empty when none)."""
-        return {round(float(t), 6): float(v) for t, v in zip(self.threshold_tprs, self.thresholds)}
-
-    def set_thresholds(self, thresholds: Mapping[float, float], score_name: str | None = None) -> None:
-        """Store ``{tpr: threshold}`` (from :func:`compute_thresholds`) for the score ``score_name``."""
-        name = check_choice("score_name", score_name or self.default_score, SCORE_NAMES)
-        if not isinstance(thresholds, Mapping) or not thresholds:
-            raise ValueError("thresholds must be a non-empty mapping {tpr: threshold}, see compute_thresholds().")
-        tprs = [_check_tpr(t) for t in thresholds]
-        values = [float(v) for v in thresholds.values()]
-        if not all(math.isfinite(v) for v in values):
-            raise ValueError("thresholds must be finite numbers.")
-        device = self.thresholds.device
-        self.threshold_tprs = torch.tensor(tprs, dtype=torch.float64, device=device)
-        self.thresholds = torch.tensor(values, dtype=torch.float64, device=device)
-        self.threshold_score.fill_(SCORE_NAMES.index(name))
-
-    def clear_thresholds(self) -> None:
-        device = self.thresholds.device
-        self.thresholds = torch.empty(0, dtype=torch.float64, device=device)
-        self.threshold_tprs = torch.empty(0, dtype=torch.float64, device=device)
-        self.threshold_score.fill_(-1)
-
-    def is_ood(self, logits: torch.Tensor, tpr: float = 0.95) -> torch.Tensor:
-        """Flag OOD inputs (bool [B]): :meth:`ood_score` with the stored score below the threshold stored for
-        ``tpr``. ``logits`` are the head's (calibrated) output; thresholds come from
-        ``compute_thresholds(head.ood_score(val_logits))``.
-
-        :raises RuntimeError: when no thresholds are stored; ValueError when ``tpr`` was not stored.
+        :param logits: :math:`N \times C`, this head's eval-mode output on the calibration split — exactly
+            what the deployed model returns (already divided by the temperature now set). Thresholds are
+            order statistics of these scores (:meth:`threshold`), and :meth:`is_ood` re-scores its input with
+            the same :meth:`ood_score`, so on these logits exactly :math:`\lfloor N (1 - \mathrm{tpr}) \rfloor`
+            are flagged (distinct scores).
+        :raises ValueError: for logits that are not :math:`N \times C` with :math:`N \ge 1`, or not finite.
         """
-        if self.stored_score is None:
-            raise RuntimeError(
-                "No OOD thresholds are stored in this head; compute them on held-out in-distribution data "
-                "with compute_thresholds() and store them with head.set_thresholds()."
+        check_logits(logits)
+        if logits.shape[0] == 0 or logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"logits must have shape [N, {self.num_classes}] with N >= 1 (num_classes={self.num_classes}); "
+                f"got {tuple(logits.shape)}."
             )
-        tpr = _check_tpr(tpr)
-        wanted = torch.tensor(tpr, dtype=torch.float64, device=self.thresholds.device)
-        match = torch.isclose(self.threshold_tprs, wanted)
-        if not bool(match.any()):
-            raise ValueError(f"tpr={tpr} has no stored threshold; stored tprs: {sorted(self.stored_thresholds)}.")
-        threshold = self.thresholds[match][0]
-        return self.ood_score(logits, self.stored_score) < threshold.to(logits.device)
+        rows = torch.stack([self.ood_score(logits, name).cpu().double() for name in SCORE_NAMES])
+        if not bool(torch.isfinite(rows).all()):
+            raise ValueError("logits must be finite: their OOD scores hold NaN or inf.")
+        self.calibration_scores = rows.sort(dim=1).values.to(self.calibration_scores.device)
+
+    def clear_calibration(self) -> None:
+        """Forget the calibration scores (the temperature and the chosen score stay)."""
+        self.calibration_scores = _no_scores(self.calibration_scores.device)
+
+    @property
+    def calibration_size(self) -> int:
+        """:math:`N`, the number of calibration samples behind the thresholds (0 when not calibrated)."""
+        return int(self.calibration_scores.shape[1])
+
+    def stored_scores(self, score: str | None = None) -> torch.Tensor:
+        """The sorted float64 calibration scores :math:`N` of ``score`` (default :attr:`score`).
+
+        :raises RuntimeError: when the head holds no calibration scores.
+        """
+        name = check_choice("score", score or self.score, SCORE_NAMES)
+        if self.calibration_size == 0:
+            raise RuntimeError(
+                "This head holds no calibration scores; pass its eval-mode logits on held-out in-distribution "
+                "data to head.calibrate_scores() (dismax train and dismax calibrate do it)."
+            )
+        return self.calibration_scores[SCORE_NAMES.index(name)]
+
+    def threshold(self, tpr: float = 0.95, score: str | None = None) -> float:
+        """The OOD threshold of ``score`` at in-distribution ``tpr``: :func:`~dismax_plugin.threshold_at` of the
+        stored calibration scores. An input with a score below it is OOD.
+
+        :param tpr: any in-distribution true-positive rate in (0, 1].
+        """
+        return threshold_at(self.stored_scores(score), tpr)
+
+    def is_ood(self, logits: torch.Tensor, tpr: float = 0.95, score: str | None = None) -> torch.Tensor:
+        """Flag OOD inputs (bool [B]): ``ood_score(logits, score) < threshold(tpr, score)``.
+
+        :param logits: the head's eval-mode (calibrated) output.
+        :param tpr: in-distribution true-positive rate in (0, 1] (the fraction of ID inputs kept).
+        :param score: a native score name; default :attr:`score`.
+        :raises RuntimeError: when not calibrated; ValueError for a bad ``tpr`` or ``score``.
+        """
+        name = check_choice("score", score or self.score, SCORE_NAMES)
+        threshold = self.threshold(tpr, name)
+        scores = self.ood_score(logits, name)
+        return scores < torch.tensor(threshold, dtype=scores.dtype, device=scores.device)
 
     def _apply(self, fn, recurse=True):
-        # .to(dtype)/.half()/.double() would round the stored thresholds and TPRs to the model dtype (0.95 is
-        # 0.949 in bfloat16, so is_ood(tpr=0.95) could no longer find it): keep them float64, follow the device.
-        saved = {name: getattr(self, name) for name in ("thresholds", "threshold_tprs")}
+        # .to(dtype)/.half()/.double() would round the calibration scores to the model dtype: keep them
+        # float64, follow the device.
+        saved = self.calibration_scores
         module = super()._apply(fn, recurse)
-        for name, value in saved.items():
-            moved = getattr(self, name)
-            if moved.dtype != torch.float64:
-                setattr(self, name, value.to(device=moved.device, dtype=torch.float64))
+        moved = self.calibration_scores
+        if moved.dtype != torch.float64:
+            self.calibration_scores = saved.to(device=moved.device, dtype=torch.float64)
         return module
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Thresholds have a variable length: adopt the incoming size before the strict copy.
-        for name in ("thresholds", "threshold_tprs"):
-            incoming = state_dict.get(prefix + name)
-            if isinstance(incoming, torch.Tensor) and incoming.shape != getattr(self, name).shape:
-                device = getattr(self, name).device
-                setattr(self, name, torch.empty(incoming.shape, dtype=torch.float64, device=device))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs):
+        _upgrade_state_dict(self, state_dict, prefix)
+        incoming = state_dict.get(prefix + "calibration_scores")
+        if isinstance(incoming, torch.Tensor) and incoming.shape != self.calibration_scores.shape:
+            device = self.calibration_scores.device
+            self.calibration_scores = torch.empty(incoming.shape, dtype=torch.float64, device=device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs)
 
     def extra_repr(self) -> str:
         text = f"in_features={self.in_features}, num_classes={self.num_classes}"
+        if self.entropic_scale != ENTROPIC_SCALE:
+            text += f", entropic_scale={self.entropic_scale:g}"
         if float(self.temperature) != 1.0:
             text += f", temperature={float(self.temperature):.4g}"
-        if self.stored_score is not None:
-            text += f", thresholds[{self.stored_score}]={self.stored_thresholds}"
+        if self.calibration_size:
+            text += f", score={self.score!r}, calibration_size={self.calibration_size}"
         return text
+
+
+def _no_scores(device) -> torch.Tensor:
+    return torch.empty(len(SCORE_NAMES), 0, device=device, dtype=torch.float64)
+
+
+_LEGACY_THRESHOLD_KEYS = ("thresholds", "threshold_tprs", "threshold_score")
+
+
+def _upgrade_state_dict(head: PrototypeHead, state_dict, prefix: str) -> None:
+    """State dicts of earlier versions: ``prototypes`` is now ``weight``; the three stored thresholds are
+    replaced by calibration scores (dropped with a warning); missing deployment buffers keep their values."""
+    legacy = state_dict.pop(prefix + "prototypes", None)
+    if legacy is not None and prefix + "weight" not in state_dict:
+        state_dict[prefix + "weight"] = legacy
+    dropped = {key: state_dict.pop(prefix + key) for key in _LEGACY_THRESHOLD_KEYS if prefix + key in state_dict}
+    if dropped.get("thresholds") is not None and dropped["thresholds"].numel():
+        warnings.warn(
+            f"'{prefix}thresholds' of an earlier format were dropped: calibrate the model again (dismax calibrate, "
+            "or head.calibrate_scores()) to get OOD thresholds.",
+            stacklevel=4,
+        )
+    if legacy is not None or dropped:
+        for name in ("calibration_scores", "score_index"):
+            state_dict.setdefault(prefix + name, getattr(head, name))
 
 
 class IsoMaxHead(PrototypeHead):
@@ -220,10 +306,10 @@ class IsoMaxHead(PrototypeHead):
     default_score = "mps"  # chosen by benchmarks/digits_quality.py, see README
 
     def reset_parameters(self) -> None:
-        nn.init.zeros_(self.prototypes)
+        nn.init.zeros_(self.weight)
 
     def _logits(self, features: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-        return euclidean_distances(features, self.prototypes) * (-1.0 / temperature)
+        return euclidean_distances(features, self.weight) * (-1.0 / temperature)
 
 
 class IsoMaxPlusHead(PrototypeHead):
@@ -237,8 +323,10 @@ class IsoMaxPlusHead(PrototypeHead):
     kind = "isomaxplus"
     default_score = "mps"  # chosen by benchmarks/digits_quality.py, see README
 
-    def __init__(self, in_features: int, num_classes: int, *, device=None, dtype=None):
-        super().__init__(in_features, num_classes, device=device, dtype=dtype)
+    def __init__(
+        self, in_features: int, num_classes: int, *, entropic_scale: float = ENTROPIC_SCALE, device=None, dtype=None
+    ):
+        super().__init__(in_features, num_classes, entropic_scale=entropic_scale, device=device, dtype=dtype)
         self.distance_scale = nn.Parameter(torch.ones(1, device=device, dtype=dtype))
 
     def reset_parameters(self) -> None:
@@ -248,13 +336,13 @@ class IsoMaxPlusHead(PrototypeHead):
 
     def scaled_distances(self, features: torch.Tensor) -> torch.Tensor:
         """:math:`|s|\\,\\lVert \\hat f - \\hat p_j \\rVert` [B, C]."""
-        return self.distance_scale.abs() * normalized_distances(features, self.prototypes)
+        return self.distance_scale.abs() * normalized_distances(features, self.weight)
 
     def _factor(self, temperature: torch.Tensor) -> torch.Tensor:
         return self.distance_scale.abs() * (-1.0 / temperature)
 
     def _logits(self, features: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-        return normalized_distances(features, self.prototypes) * self._factor(temperature)
+        return normalized_distances(features, self.weight) * self._factor(temperature)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", distance_scale={float(self.distance_scale.detach().abs()):.4g}"
@@ -272,7 +360,7 @@ class DisMaxHead(IsoMaxPlusHead):
 
     def _logits(self, features: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
         # -(d + mean d) with d = |s| u / sqrt(2), u the normalised distances: the scalars fold into one factor.
-        unit = normalized_distances(features, self.prototypes)
+        unit = normalized_distances(features, self.weight)
         return (unit + unit.mean(dim=1, keepdim=True)) * (self._factor(temperature) / math.sqrt(2.0))
 
 
@@ -290,9 +378,12 @@ _is_fx_symbolic_tracing = getattr(
 HEADS: dict[str, type[PrototypeHead]] = {cls.kind: cls for cls in (IsoMaxHead, IsoMaxPlusHead, DisMaxHead)}
 
 
-def create_head(name: str, in_features: int, num_classes: int, *, device=None, dtype=None) -> PrototypeHead:
+def create_head(
+    name: str, in_features: int, num_classes: int, *, entropic_scale: float = ENTROPIC_SCALE, device=None, dtype=None
+) -> PrototypeHead:
     """Build the head ``name`` (``"dismax"``, ``"isomaxplus"`` or ``"isomax"``).
 
     :raises ValueError: for an unknown name, listing the known ones.
     """
-    return HEADS[check_choice("head", name, HEADS)](in_features, num_classes, device=device, dtype=dtype)
+    cls = HEADS[check_choice("head", name, HEADS)]
+    return cls(in_features, num_classes, entropic_scale=entropic_scale, device=device, dtype=dtype)

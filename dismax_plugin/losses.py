@@ -1,7 +1,10 @@
 r"""Isotropic losses: pure functions of ``(logits, targets)`` plus thin ``nn.Module`` wrappers.
 
-The entropic scale :math:`E` (10 in the papers) multiplies the logits inside the loss only; inference
-uses the plain logits. Targets are either class indices :math:`B` or soft targets :math:`B \times C`
+The losses take the head's **training-mode** output, which is already the logits times the entropic scale
+:math:`E` (10 in the papers; :data:`dismax_plugin.ENTROPIC_SCALE`, applied by the head, see
+:mod:`dismax_plugin.heads`): they scale nothing themselves, so nothing is scaled twice, and the IsoMax loss is
+the cross-entropy of that output (which is why stock training code with ``nn.CrossEntropyLoss`` trains it).
+Targets are either class indices :math:`B` or soft targets :math:`B \times C`
 (rows are probability distributions: label smoothing, Mixup/CutMix, or :func:`fpr_mix`). Everything is
 computed with ``log_softmax``, never ``log(softmax)``, and no :math:`C \times C` one-hot is built.
 """
@@ -27,14 +30,13 @@ def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     return per_sample.mean()
 
 
-def _prepare(logits, targets, entropic_scale, reduction):
+def _prepare(logits, targets, reduction):
     check_logits(logits)
     check_targets(targets, logits)
-    check_positive("entropic_scale", entropic_scale)
     reduction = check_choice("reduction", reduction, _REDUCTIONS)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    return entropic_scale * logits, reduction
+    return logits, reduction
 
 
 def _cross_entropy(scaled: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -65,32 +67,30 @@ def _check_stitched(stitched, batch: int) -> torch.Tensor:
 def isomax_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    entropic_scale: float = 10.0,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    r"""IsoMax / IsoMax+ loss: cross-entropy of the entropically scaled logits.
+    r"""IsoMax / IsoMax+ loss: cross-entropy of the entropically scaled logits :math:`E z` (the head's
+    training-mode output).
 
     .. math:: \mathcal{L} = -\sum_j t_j \log \mathrm{softmax}(E z)_j
 
     with :math:`t` the one-hot or soft target, smoothed to :math:`(1 - \epsilon)\,t + \epsilon / C` by
     ``label_smoothing`` :math:`\epsilon` (``F.cross_entropy``'s own smoothing).
 
-    :param logits: :math:`B \times C` (negative distances from an isotropic head).
+    :param logits: :math:`B \times C`, :math:`E z` as an isotropic head returns it in training mode.
     :param targets: class indices :math:`B` or soft targets :math:`B \times C`.
-    :param entropic_scale: :math:`E > 0`.
     :param reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per sample, :math:`B`).
     :param label_smoothing: :math:`\epsilon \in [0, 1)`.
-    :raises ValueError: for bad shapes, out-of-range labels, rows not summing to 1, ``entropic_scale <= 0``.
+    :raises ValueError: for bad shapes, out-of-range labels, rows not summing to 1.
     """
-    scaled, reduction = _prepare(logits, targets, entropic_scale, reduction)
+    scaled, reduction = _prepare(logits, targets, reduction)
     return _reduce(_cross_entropy(scaled, targets, _check_smoothing(label_smoothing)), reduction)
 
 
 def dismax_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    entropic_scale: float = 10.0,
     alpha: float = 1.0,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
@@ -112,14 +112,14 @@ def dismax_loss(
     ``"sum"``/``"none"`` give the per-row terms, stitched rows weighted by :math:`\alpha`. Without stitched
     rows it equals :func:`isomax_loss`.
 
-    :param logits: :math:`B \times C` from a :class:`DisMaxHead`.
+    :param logits: :math:`B \times C`, :math:`E z` as a :class:`DisMaxHead` returns it in training mode.
     :param targets: class indices :math:`B` or soft targets :math:`B \times C`.
     :param alpha: weight :math:`\alpha \ge 0` of the KL term on stitched rows.
     :param label_smoothing: :math:`\epsilon \in [0, 1)`, applied to the clean rows only.
     :param stitched: bool :math:`B`, the third output of :func:`fpr_mix`; ``None``: no stitched rows.
     :raises ValueError/TypeError: for bad shapes, labels, ``alpha < 0`` or a ``stitched`` that is not bool [B].
     """
-    scaled, reduction = _prepare(logits, targets, entropic_scale, reduction)
+    scaled, reduction = _prepare(logits, targets, reduction)
     check_positive("alpha", alpha, minimum=0.0)
     smoothing = _check_smoothing(label_smoothing)
     if stitched is None:
@@ -145,34 +145,25 @@ def dismax_loss(
 class IsoMaxLoss(nn.Module):
     """Module form of :func:`isomax_loss`: ``forward(logits [B, C], targets [B] | [B, C]) -> loss``."""
 
-    def __init__(self, entropic_scale: float = 10.0, reduction: str = "mean", *, label_smoothing: float = 0.0):
+    def __init__(self, reduction: str = "mean", *, label_smoothing: float = 0.0):
         super().__init__()
-        check_positive("entropic_scale", entropic_scale)
-        self.entropic_scale = float(entropic_scale)
         self.label_smoothing = _check_smoothing(label_smoothing)
         self.reduction = check_choice("reduction", reduction, _REDUCTIONS)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return isomax_loss(logits, targets, self.entropic_scale, self.reduction, self.label_smoothing)
+        return isomax_loss(logits, targets, self.reduction, self.label_smoothing)
 
     def extra_repr(self) -> str:
-        return (
-            f"entropic_scale={self.entropic_scale}, label_smoothing={self.label_smoothing}, "
-            f"reduction={self.reduction!r}"
-        )
+        return f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}"
 
 
 class DisMaxLoss(nn.Module):
     """Module form of :func:`dismax_loss`:
     ``forward(logits [B, C], targets [B] | [B, C], stitched=None [B] bool) -> loss``."""
 
-    def __init__(
-        self, entropic_scale: float = 10.0, alpha: float = 1.0, reduction: str = "mean", *, label_smoothing: float = 0.0
-    ):
+    def __init__(self, alpha: float = 1.0, reduction: str = "mean", *, label_smoothing: float = 0.0):
         super().__init__()
-        check_positive("entropic_scale", entropic_scale)
         check_positive("alpha", alpha, minimum=0.0)
-        self.entropic_scale = float(entropic_scale)
         self.alpha = float(alpha)
         self.label_smoothing = _check_smoothing(label_smoothing)
         self.reduction = check_choice("reduction", reduction, _REDUCTIONS)
@@ -180,12 +171,7 @@ class DisMaxLoss(nn.Module):
     def forward(
         self, logits: torch.Tensor, targets: torch.Tensor, stitched: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return dismax_loss(
-            logits, targets, self.entropic_scale, self.alpha, self.reduction, self.label_smoothing, stitched
-        )
+        return dismax_loss(logits, targets, self.alpha, self.reduction, self.label_smoothing, stitched)
 
     def extra_repr(self) -> str:
-        return (
-            f"entropic_scale={self.entropic_scale}, alpha={self.alpha}, label_smoothing={self.label_smoothing}, "
-            f"reduction={self.reduction!r}"
-        )
+        return f"alpha={self.alpha}, label_smoothing={self.label_smoothing}, reduction={self.reduction!r}"

@@ -1,4 +1,8 @@
-"""OOD thresholds at chosen in-distribution true-positive rates."""
+r"""OOD thresholds at chosen in-distribution true-positive rates: order statistics of held-out ID scores.
+
+:func:`threshold_at` is the one definition of a threshold; :meth:`~dismax_plugin.PrototypeHead.threshold`,
+:meth:`~dismax_plugin.PrototypeHead.is_ood`, :func:`compute_thresholds` and the served model all use it.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["DEFAULT_TPRS", "compute_thresholds"]
+__all__ = ["DEFAULT_TPRS", "compute_thresholds", "flagged_count", "threshold_at"]
 
 DEFAULT_TPRS = (0.90, 0.95, 0.99)
 
@@ -18,17 +22,40 @@ def _check_tpr(tpr) -> float:
     return float(tpr)
 
 
+def flagged_count(n: int, tpr: float) -> int:
+    r""":math:`k = \min(\lfloor N (1 - \mathrm{tpr}) \rfloor, N - 1)`: how many of :math:`N` held-out
+    in-distribution samples a threshold at ``tpr`` flags (the index of the threshold's order statistic)."""
+    tpr = _check_tpr(tpr)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1 (the number of calibration scores); got {n!r}.")
+    # + 1e-9: N (1 - tpr) is often an integer computed with a rounding error below it (100 * 0.05 = 4.99...)
+    return min(math.floor(n * (1.0 - tpr) + 1e-9), n - 1)
+
+
+def threshold_at(sorted_scores: torch.Tensor, tpr: float) -> float:
+    r"""The threshold that keeps a fraction ``tpr`` of in-distribution samples: the order statistic
+    :math:`s_{(k)}` (0-based, ascending) of the sorted held-out scores with :math:`k` =
+    :func:`flagged_count` :math:`(N, \mathrm{tpr})`. An input with ``score < threshold`` is OOD, so on the
+    held-out scores themselves exactly :math:`k` are flagged when they are distinct (5 of 100 at TPR 0.95;
+    ties at the threshold are all kept).
+
+    :param sorted_scores: in-distribution scores :math:`N` (higher = more in-distribution), sorted ascending.
+    :param tpr: in (0, 1].
+    :raises ValueError: for an empty or unsorted tensor, or a tpr outside (0, 1].
+    """
+    if not isinstance(sorted_scores, torch.Tensor) or sorted_scores.ndim != 1 or sorted_scores.numel() == 0:
+        raise ValueError("sorted_scores must be a non-empty 1-D tensor [N] sorted ascending.")
+    k = flagged_count(sorted_scores.numel(), tpr)
+    if sorted_scores.numel() > 1 and bool((sorted_scores[1:] < sorted_scores[:-1]).any()):
+        raise ValueError("sorted_scores must be sorted ascending (e.g. torch.sort(scores).values).")
+    return float(sorted_scores[k])
+
+
 def compute_thresholds(id_scores: torch.Tensor, tprs: Iterable[float] = DEFAULT_TPRS) -> dict[float, float]:
-    r"""Score thresholds that keep a fraction ``tpr`` of in-distribution samples.
+    r"""``{tpr: threshold_at(sorted(id_scores), tpr)}`` for each ``tpr``.
 
-    An input with ``score < t`` is flagged OOD. For each ``tpr`` the threshold is the largest sample value
-    that keeps at least ``tpr`` of the :math:`N` scores: the order statistic :math:`s_{(k)}` (0-based,
-    ascending) with :math:`k = \lfloor N (1 - \mathrm{tpr}) \rfloor`, taken as ``torch.quantile(scores,
-    k / (N - 1), interpolation="nearest")``. On distinct scores exactly :math:`k` samples are flagged (5 of
-    100 at TPR 0.95); ties at the threshold are all kept. Scores are in-distribution scores (higher = more
-    in-distribution), e.g. ``head.ood_score(val_logits)``.
-
-    :param id_scores: in-distribution scores of held-out ID data, shape :math:`N`.
+    :param id_scores: in-distribution scores of held-out ID data, shape :math:`N` (any order), e.g.
+        ``head.ood_score(model(val_images))``.
     :param tprs: true-positive rates in (0, 1].
     :return: ``{tpr: threshold}``
     :raises ValueError: for empty, non-finite or non-1-D scores, or a tpr outside (0, 1].
@@ -43,9 +70,5 @@ def compute_thresholds(id_scores: torch.Tensor, tprs: Iterable[float] = DEFAULT_
     tprs = [_check_tpr(t) for t in tprs]
     if not tprs:
         raise ValueError("tprs must name at least one true-positive rate, e.g. (0.95,).")
-    n = scores.numel()
-    # k / (n - 1) lands on the k-th order statistic; "nearest" absorbs the rounding of the division.
-    flagged = [min(math.floor(n * (1.0 - t) + 1e-9), n - 1) for t in tprs]
-    q = torch.tensor([k / max(n - 1, 1) for k in flagged], dtype=torch.float64)
-    values = torch.quantile(scores, q, interpolation="nearest")
-    return {t: float(v) for t, v in zip(tprs, values)}
+    ordered = scores.sort().values
+    return {t: threshold_at(ordered, t) for t in tprs}

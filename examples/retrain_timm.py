@@ -37,8 +37,9 @@ def main(argv=None) -> dict:
     def normalise(x):
         return (x - mean) / std
 
-    # 2. Train with the DisMax loss and fractional probability regularisation (FPR).
-    loss_fn = dp.DisMaxLoss(entropic_scale=10.0)
+    # 2. Train with the DisMax loss and fractional probability regularisation (FPR). In training mode the head
+    #    returns its logits times the entropic scale (10), so the loss scales nothing itself.
+    loss_fn = dp.DisMaxLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     generator = torch.Generator().manual_seed(0)
     loader = DataLoader(bench.train_set(), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
@@ -54,7 +55,8 @@ def main(argv=None) -> dict:
             optimizer.step()
         print(f"epoch {epoch + 1}: loss {loss.item():.4f}")
 
-    # 3. Calibrate the temperature and store OOD thresholds, on held-out in-distribution data.
+    # 3. Calibrate the temperature, then store the calibration scores behind every OOD threshold, on held-out
+    #    in-distribution data (the validation split: never used for training or testing).
     model.eval()
     head = dtimm.get_head(model)
 
@@ -66,10 +68,9 @@ def main(argv=None) -> dict:
     val_logits, val_labels = logits_of(bench.val_set())
     temperature = dp.calibrate_temperature(val_logits, val_labels, objective="ece")
     head.set_temperature(temperature)
-    val_logits = val_logits / temperature  # what the calibrated model returns
-    thresholds = dp.compute_thresholds(head.ood_score(val_logits))  # OOD score at T = 1: not degraded by T
-    head.set_thresholds(thresholds)
-    print(f"temperature {temperature:.3f}; thresholds ({head.stored_score}) {head.stored_thresholds}")
+    head.calibrate_scores(logits_of(bench.val_set())[0])  # what the calibrated model returns, scored at T = 1
+    thresholds = {str(tpr): head.threshold(tpr) for tpr in (0.9, 0.95, 0.99)}  # any TPR in (0, 1] works
+    print(f"temperature {temperature:.3f}; thresholds ({head.score}) {thresholds}")
 
     # 4. Save and load the model the timm way (config.json + model.safetensors), without the training code.
     with contextlib.ExitStack() as stack:
@@ -89,7 +90,7 @@ def main(argv=None) -> dict:
     print(f"saved to {output}" if args.output else "saved to a temporary folder (removed); pass --output to keep it")
     print(f"flagged OOD at TPR 95%: ID test {id_flagged:.1%}, {bench.ood_names[0]} {ood_flagged:.1%}")
     return {"model": loaded, "id_flagged": id_flagged, "ood_flagged": ood_flagged, "temperature": temperature,
-            "thresholds": thresholds}  # fmt: skip
+            "thresholds": thresholds, "calibration_size": head.calibration_size}  # fmt: skip
 
 
 if __name__ == "__main__":

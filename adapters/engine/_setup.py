@@ -2,7 +2,8 @@ r"""The parts of a training run, built from its :class:`~.config.TrainConfig`: m
 scheduler and the batch transform (FPR stitching or timm's Mixup/CutMix).
 
 Every loss is called as ``loss(logits [B, C], targets [B] | [B, C], stitched [B] bool | None)``. Label
-smoothing is applied once, by the loss, to the clean rows: ``F.cross_entropy``'s ``label_smoothing`` for the
+smoothing is applied once, by the loss, to the clean rows (the isotropic heads multiply their training-mode
+logits by ``--entropic-scale``; the losses scale nothing): ``F.cross_entropy``'s ``label_smoothing`` for the
 linear head, the isotropic losses' ``label_smoothing`` (agreed interface 2) for the others; stitched FPR rows
 keep their exact 0.25-mixtures.
 """
@@ -43,6 +44,8 @@ def build_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.
 
     check_architecture(cfg.model)
     kwargs: dict[str, Any] = {"in_chans": cfg.channels}
+    if cfg.head != "linear":
+        kwargs["entropic_scale"] = cfg.entropic_scale  # the head applies it in training mode
     if cfg.pretrained:
         kwargs["pretrained"] = True
     if cfg.pretrained_file:
@@ -76,9 +79,9 @@ def build_loss(cfg: TrainConfig) -> Loss:
         module = LogitNorm(t=LOGITNORM_TEMPERATURE)
         return lambda logits, targets, stitched: module(logits.float(), targets)
     if name == "dismax":
-        module = dp.DisMaxLoss(cfg.entropic_scale, cfg.alpha, label_smoothing=smoothing)
+        module = dp.DisMaxLoss(cfg.alpha, label_smoothing=smoothing)
         return lambda logits, targets, stitched: module(logits, targets, stitched=stitched)
-    module = dp.IsoMaxLoss(cfg.entropic_scale, label_smoothing=smoothing)
+    module = dp.IsoMaxLoss(label_smoothing=smoothing)
     return lambda logits, targets, stitched: module(logits, targets)
 
 

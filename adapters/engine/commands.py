@@ -8,7 +8,7 @@ import logging
 import os
 
 from . import _report as report
-from ._calibration import calibrate_model
+from ._calibration import calibrate_model, calibration_metadata
 from ._checkpoint import CHECKPOINT
 from ._distributed import is_main_process, resolve_device
 from .config import CompareOptions, ConfigError, TrainConfig, parse_list, train_config
@@ -111,7 +111,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     result = calibrate_model(model, data.val, args.calibration, batch_size=args.eval_batch_size, device=device,
                              workers=args.workers)  # fmt: skip
     meta = dict(dtimm.read_metadata(path).get("metadata") or {})
-    meta.update(temperature=result["temperature"], thresholds=result["thresholds"], score=result["score"])
+    meta["calibration"] = calibration_metadata(result)
     dtimm.save_model(model.cpu(), path, metadata=meta)
     log.info("calibrated %s on %s: temperature %.4g, ECE %.4f -> %.4f, thresholds (%s) %s", path, args.data,
              result["temperature"], result["ece_before"], result["ece_after"], result["score"],

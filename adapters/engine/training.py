@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 import dismax_plugin as dp
 
 from . import _checkpoint, _distributed
-from ._calibration import calibrate_model, collect_logits
+from ._calibration import calibrate_model, calibration_metadata, collect_logits
 from ._checkpoint import MODEL_DIR
 from ._setup import BatchTransform, build_loss, build_model, build_optimizer, build_scheduler
 from ._signals import STOP_CHECK_EVERY, Interrupted, SignalPolicy, deferred, polling
@@ -241,7 +241,7 @@ def end_epoch(run: _Run, epoch: int, sums: torch.Tensor, seconds: float) -> None
 
 
 def finish(run: _Run) -> tuple[dict, str]:
-    """Calibrate on the validation split, store thresholds, save the model (timm adapter format)."""
+    """Calibrate on the calibration split (temperature, calibration scores), save the model (timm format)."""
     from .. import timm as dtimm
 
     cfg, model = run.cfg, run.parts["model"]
@@ -255,9 +255,7 @@ def finish(run: _Run) -> tuple[dict, str]:
     metadata = {
         "preprocessing": run.data.preprocessing,
         "class_names": run.data.class_names,
-        "score": report["score"],
-        "temperature": report["temperature"],
-        "thresholds": report["thresholds"],
+        "calibration": calibration_metadata(report),
         "train_config": dataclasses.asdict(cfg),
         # the checkpoint this model is the end of: `evaluate` refuses a run folder whose checkpoint moved on
         "checkpoint": {"epoch": cfg.epochs, "step": 0},

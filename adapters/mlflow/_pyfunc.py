@@ -17,6 +17,7 @@ import mlflow.pyfunc
 import numpy as np
 
 from dismax_plugin.scores import ood_score
+from dismax_plugin.thresholds import threshold_at
 
 from ..timm.preprocessing import eval_transform
 from ._images import check_preprocessing, preprocess_images
@@ -35,10 +36,12 @@ class DisMaxPyfuncModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         """Load the model once (``dismax_plugin.adapters.timm.load_model``) on ``model_config['device']``.
 
-        The OOD score is the one the head's thresholds were stored for; without stored thresholds, the
-        metadata's ``score`` (else the head's default score, or ``mps`` for a linear head). A linear head
-        keeps its calibration in the metadata (``temperature``, ``thresholds``), which is applied here.
+        The OOD score is the head's chosen ``score`` and its thresholds come from the head's calibration
+        scores. A linear (stock) model keeps its calibration in the metadata (``calibration``: temperature,
+        score and the sorted calibration scores), which is applied here.
         """
+        import torch
+
         from dismax_plugin.adapters.timm import get_head, load_model, read_metadata
 
         config = dict(getattr(context, "model_config", None) or {})
@@ -51,19 +54,23 @@ class DisMaxPyfuncModel(mlflow.pyfunc.PythonModel):
         self.metadata = dict(saved.get("metadata") or {})
         self.preprocessing = check_preprocessing(self.metadata.get("preprocessing"))
         self.transform = eval_transform(self.preprocessing)
-        head = get_head(self.model)
+        self.head = get_head(self.model)
         names = self.metadata.get("class_names")
         self.class_names = [str(n) for n in names] if names else None
-        self.divide_by = 1.0  # the model's logits are calibrated inside an isotropic head
-        if head is not None and head.stored_score is not None:
-            self.score_name, thresholds = head.stored_score, head.stored_thresholds
-        else:
-            self.score_name = self.metadata.get("score") or (head.default_score if head else "mps")
-            thresholds = {round(float(t), 6): float(v) for t, v in (self.metadata.get("thresholds") or {}).items()}
-        if head is None:  # a linear head: the calibrated temperature is not inside the model
-            self.divide_by = float(self.metadata.get("temperature") or 1.0)
-        self.temperature = float(head.temperature) if head is not None else self.divide_by
-        self.threshold = thresholds.get(round(self.tpr, 6))
+        calibration = dict(self.metadata.get("calibration") or {})
+        self.sorted_scores = None
+        if self.head is not None:
+            self.score_name = self.head.score
+            if self.head.calibration_size:
+                self.sorted_scores = self.head.stored_scores()
+            self.temperature = 1.0  # the model's logits are calibrated inside the head
+        else:  # a linear head: the calibrated temperature is not inside the model
+            self.score_name = calibration.get("score") or "mps"
+            stored = (calibration.get("scores") or {}).get(self.score_name)
+            if stored:
+                self.sorted_scores = torch.tensor(stored, dtype=torch.float64)
+            self.temperature = float(calibration.get("temperature") or 1.0)
+        self.threshold = threshold_at(self.sorted_scores, self.tpr) if self.sorted_scores is not None else None
 
     def predict(self, context, model_input: np.ndarray, params=None):
         """One row per image: ``class``, ``class_name``, ``probability``, ``ood_score``, ``is_ood``."""
@@ -74,10 +81,15 @@ class DisMaxPyfuncModel(mlflow.pyfunc.PythonModel):
         chunks = []
         with torch.inference_mode():
             for start in range(0, x.shape[0], self.batch_size):
-                chunks.append(self.model(x[start : start + self.batch_size].to(self.device)).double().cpu())
-        logits = torch.cat(chunks) / self.divide_by
-        probability, predicted = torch.softmax(logits, dim=1).max(dim=1)
-        scores = ood_score(logits, self.temperature, self.score_name)  # at T = 1 (the thresholds' score)
+                chunks.append(self.model(x[start : start + self.batch_size].to(self.device)).float().cpu())
+        output = torch.cat(chunks)
+        if self.head is not None:  # calibrated logits; the score is taken at T = 1, as in calibration
+            scores = self.head.ood_score(output.to(self.head.temperature.device), self.score_name).cpu()
+            probabilities = torch.softmax(output.double(), dim=1)
+        else:  # raw logits: scores at T = 1 as in calibration, probabilities at the calibrated temperature
+            scores = ood_score(output, 1.0, self.score_name)
+            probabilities = torch.softmax(output.double() / self.temperature, dim=1)
+        probability, predicted = probabilities.max(dim=1)
         classes = predicted.tolist()
         frame = pd.DataFrame(
             {

@@ -3,6 +3,9 @@ r"""The isotropic losses (IsoMax, IsoMax+, DisMax) as pytorch-ood losses: ``Loss
 Samples with class-index targets :math:`< 0` (OOD, pytorch-ood's convention) are discarded with
 pytorch-ood's warning; soft targets :math:`B \times C` pass. A ``stitched`` mask [B] (from
 :func:`dismax_plugin.fpr_mix`) is passed through to the core loss, filtered like the targets.
+
+The logits are an isotropic head's training-mode output :math:`E z`: the head applies the entropic scale
+:math:`E` (:data:`dismax_plugin.ENTROPIC_SCALE`), the losses do not scale again.
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ _LOSS_INPUTS = {Representation.LOGITS}
 
 
 class IsoMaxLoss(_DropsUnknown, _core_losses.IsoMaxLoss):
-    r"""IsoMax loss for pytorch-ood: cross-entropy of the entropically scaled logits of an
-    :class:`~dismax_plugin.IsoMaxHead`.
+    r"""IsoMax loss for pytorch-ood: cross-entropy of the entropically scaled logits :math:`E z` of an
+    :class:`~dismax_plugin.IsoMaxHead` in training mode.
 
     .. math:: \mathcal{L} = -\log \mathrm{softmax}(E\,z)_y, \qquad z_j = -\lVert f - p_j \rVert
 

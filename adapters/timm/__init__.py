@@ -20,9 +20,9 @@ changes nothing in timm (``timm.list_models()`` stays as it is).
 from __future__ import annotations
 
 from ._conv_heads import Conv2dDisMaxHead, Conv2dIsoMaxHead, Conv2dIsoMaxPlusHead
-from ._convert import classifier_paths, convert_timm_model, get_head, head_kind
+from ._convert import classifier_paths, convert_timm_model, get_head, head_kind, head_options
 from ._io import CONFIG_NAME, FORMAT, WEIGHTS_NAME, load_model, read_metadata, save_model
-from ._names import HEAD_KINDS, check_architecture, registered_name
+from ._names import HEAD_KINDS, HEAD_OPTIONS, check_architecture, registered_name
 from ._registry import register_timm_models
 from ._weights import create_model
 
@@ -30,6 +30,7 @@ __all__ = [
     "CONFIG_NAME",
     "FORMAT",
     "HEAD_KINDS",
+    "HEAD_OPTIONS",
     "WEIGHTS_NAME",
     "Conv2dDisMaxHead",
     "Conv2dIsoMaxHead",
@@ -40,6 +41,7 @@ __all__ = [
     "create_model",
     "get_head",
     "head_kind",
+    "head_options",
     "load_model",
     "read_metadata",
     "register_timm_models",

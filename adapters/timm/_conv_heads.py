@@ -42,7 +42,8 @@ class _Conv2dHeadMixin:
             )
 
     def forward(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Logits :math:`B \\times C \\times H \\times W` (or :math:`B \\times C`), divided by the temperature.
+        """Logits :math:`B \\times C \\times H \\times W` (or :math:`B \\times C`): :math:`E z` in training mode,
+        :math:`z / T` in eval mode (see :class:`~dismax_plugin.PrototypeHead`).
 
         :raises ValueError: if ``features`` is not :math:`B \\times D \\times H \\times W` or
             :math:`B \\times D` with ``D == in_features``.
@@ -53,7 +54,7 @@ class _Conv2dHeadMixin:
         if pre_logits:
             return features
         rows = features.movedim(1, -1)
-        logits = self._logits(rows.reshape(-1, self.in_features), self.temperature)
+        logits = self._output(rows.reshape(-1, self.in_features))
         return logits.unflatten(0, rows.shape[:-1]).movedim(-1, 1)
 
 

@@ -20,9 +20,19 @@ from dismax_plugin.convert import replace_module
 from dismax_plugin.heads import HEADS, PrototypeHead
 
 from ._conv_heads import CONV_HEADS, is_conv_head
-from ._names import HEAD_KINDS, KIND_ATTR, architecture_of, check_timm_model, registered_name, unwrap
+from ._names import (
+    HEAD_KINDS,
+    HEAD_OPTIONS,
+    KIND_ATTR,
+    OPTIONS_ATTR,
+    architecture_of,
+    check_timm_model,
+    registered_name,
+    unwrap,
+)
 
-__all__ = ["classifier_paths", "convert_timm_model", "get_head", "head_kind", "mark_converted"]
+__all__ = ["check_head_options", "classifier_paths", "convert_timm_model", "get_head", "head_kind", "head_options",
+           "mark_converted"]
 
 _logger = logging.getLogger(__name__)
 
@@ -41,7 +51,7 @@ class _ConvertedModelMixin:
             check_positive("num_classes", num_classes, integer=True, minimum=2)
         super().reset_classifier(num_classes, *args, **kwargs)
         if num_classes > 0:
-            _swap_classifiers(self, getattr(self, KIND_ATTR))
+            _swap_classifiers(self, getattr(self, KIND_ATTR), head_options(self))
 
     def __reduce_ex__(self, protocol):
         # The class is made at run time; pickle (torch.save, deepcopy) rebuilds it from the timm base class.
@@ -85,7 +95,7 @@ def classifier_paths(model: nn.Module) -> tuple[str, ...]:
 def _layer_sizes(old: nn.Module, path: str, arch: str) -> tuple[int, int, nn.Parameter, bool]:
     """``(in_features, num_classes, reference parameter, conv form)`` of a classifier layer."""
     if isinstance(old, PrototypeHead):
-        return old.in_features, old.num_classes, old.prototypes, is_conv_head(old)
+        return old.in_features, old.num_classes, old.weight, is_conv_head(old)
     if isinstance(old, nn.Linear):
         return old.in_features, old.out_features, old.weight, False
     if isinstance(old, nn.Conv2d):
@@ -106,9 +116,13 @@ def _layer_sizes(old: nn.Module, path: str, arch: str) -> tuple[int, int, nn.Par
     )
 
 
-def _new_classifier(old: nn.Module, kind: str, path: str, arch: str) -> nn.Module:
+def _new_classifier(old: nn.Module, kind: str, path: str, arch: str, options: dict) -> nn.Module:
     in_features, num_classes, ref, conv = _layer_sizes(old, path, arch)
-    if kind == getattr(old, "kind", None) or (kind == "linear" and isinstance(old, (nn.Linear, nn.Conv2d))):
+    if kind == "linear" and isinstance(old, (nn.Linear, nn.Conv2d)):
+        return old
+    if kind == getattr(old, "kind", None):
+        for name, value in options.items():  # same kind: keep the weights, adopt the options
+            setattr(old, name, float(value))
         return old
     if num_classes < 2:
         raise ValueError(f"'{arch}' has {num_classes} output at '{path}'; an isotropic head needs num_classes >= 2.")
@@ -116,11 +130,11 @@ def _new_classifier(old: nn.Module, kind: str, path: str, arch: str) -> nn.Modul
     if kind == "linear":
         new = nn.Conv2d(in_features, num_classes, 1, **dd) if conv else nn.Linear(in_features, num_classes, **dd)
     else:
-        new = (CONV_HEADS if conv else HEADS)[kind](in_features, num_classes, **dd)
+        new = (CONV_HEADS if conv else HEADS)[kind](in_features, num_classes, **options, **dd)
     return new.train(old.training)
 
 
-def _plan_swap(model: nn.Module, kind: str) -> list[tuple[str, nn.Module]]:
+def _plan_swap(model: nn.Module, kind: str, options: dict) -> list[tuple[str, nn.Module]]:
     """The new layer for every classifier path, all checked before any is changed."""
     # A declared path may be absent by configuration (e.g. repvit/levit built or reset without the
     # distillation head): the paths that exist are converted; none existing means there is no classifier.
@@ -133,7 +147,7 @@ def _plan_swap(model: nn.Module, kind: str) -> list[tuple[str, nn.Module]]:
         except AttributeError:
             _logger.debug("'%s' has no classifier at '%s' in this configuration.", arch, path)
             continue
-        plan.append((path, _new_classifier(old, kind, path, arch)))
+        plan.append((path, _new_classifier(old, kind, path, arch, options)))
     if not plan:
         raise ValueError(
             f"pretrained_cfg['classifier'] of '{arch}' names {list(paths)}, which are not submodules of "
@@ -143,12 +157,35 @@ def _plan_swap(model: nn.Module, kind: str) -> list[tuple[str, nn.Module]]:
     return plan
 
 
-def _swap_classifiers(model: nn.Module, kind: str) -> None:
-    for path, new in _plan_swap(model, kind):
+def _swap_classifiers(model: nn.Module, kind: str, options: dict) -> None:
+    for path, new in _plan_swap(model, kind, options):
         replace_module(model, path, new)
 
 
-def mark_converted(model: nn.Module, kind: str) -> nn.Module:
+def check_head_options(options: dict) -> dict:
+    """The isotropic heads' keyword options (:data:`~._names.HEAD_OPTIONS`), checked; ``None`` values dropped."""
+    unknown = sorted(set(options) - set(HEAD_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown head option(s) {unknown}; the isotropic heads take {list(HEAD_OPTIONS)}.")
+    checked = {}
+    for name, value in options.items():
+        if value is None:
+            continue
+        check_positive(name, value)
+        checked[name] = float(value)
+    return checked
+
+
+def head_options(model: nn.Module) -> dict:
+    """The isotropic heads' keyword options (``{"entropic_scale": ...}``): read from the model's head, else
+    those it was converted with (a feature model); ``{}`` for a linear model."""
+    head = get_head(model)
+    if head is not None:
+        return {name: float(getattr(head, name)) for name in HEAD_OPTIONS}
+    return dict(getattr(unwrap(model), OPTIONS_ATTR, None) or {})
+
+
+def mark_converted(model: nn.Module, kind: str, options: dict | None = None) -> nn.Module:
     """Give ``model`` the class, head kind and registered architecture name of ``kind`` (no layer swap).
 
     Used for timm's feature model (``num_classes=0``): no classifier now, and a later
@@ -161,6 +198,7 @@ def mark_converted(model: nn.Module, kind: str) -> nn.Module:
     if kind == "linear":
         target.__class__ = base
         target.__dict__.pop(KIND_ATTR, None)
+        target.__dict__.pop(OPTIONS_ATTR, None)
         cfg["architecture"] = arch
     else:
         if not hasattr(base, "reset_classifier"):
@@ -170,12 +208,13 @@ def mark_converted(model: nn.Module, kind: str) -> nn.Module:
             )
         target.__class__ = _converted_class(base)
         setattr(target, KIND_ATTR, kind)
+        setattr(target, OPTIONS_ATTR, check_head_options(options or {}))
         cfg["architecture"] = registered_name(arch, kind)
     target.pretrained_cfg = target.default_cfg = cfg
     return model
 
 
-def convert_timm_model(model: nn.Module, head: str = "dismax") -> nn.Module:
+def convert_timm_model(model: nn.Module, head: str = "dismax", **options) -> nn.Module:
     """Replace the classifier(s) of a timm model by ``head`` layers of the same sizes, in place.
 
     The heads are created on the device and dtype of the replaced layers. Converting to the kind the model
@@ -185,13 +224,17 @@ def convert_timm_model(model: nn.Module, head: str = "dismax") -> nn.Module:
 
     :param model: a model from ``timm.create_model`` (or a ``torch.compile`` wrapper of one).
     :param head: ``"dismax"``, ``"isomaxplus"``, ``"isomax"`` or ``"linear"``.
+    :param options: head options (``entropic_scale``, default :data:`dismax_plugin.ENTROPIC_SCALE`).
     :raises TypeError: if ``model`` is not a timm model, or a classifier is neither ``nn.Linear`` nor 1x1
         ``nn.Conv2d``.
     :raises ValueError: for an unknown head, a model without a classifier, or fewer than 2 classes.
     """
     kind = check_choice("head", head, HEAD_KINDS)
     target = check_timm_model(model)
-    plan = _plan_swap(target, kind)
+    if kind == "linear" and any(v is not None for v in options.values()):
+        raise TypeError(f"head options {sorted(options)} apply to isotropic heads, not to head='linear'.")
+    options = check_head_options(options) if kind != "linear" else {}
+    plan = _plan_swap(target, kind, options)
     base = getattr(type(target), "_dismax_base", type(target))
     if kind != "linear" and not hasattr(base, "reset_classifier"):
         raise TypeError(
@@ -199,7 +242,7 @@ def convert_timm_model(model: nn.Module, head: str = "dismax") -> nn.Module:
         )
     for path, new in plan:
         replace_module(target, path, new)
-    mark_converted(target, kind)
+    mark_converted(target, kind, options)
     return model
 
 

@@ -5,7 +5,8 @@
 ``model_args`` and ``pretrained_cfg`` -- whose input size, interpolation, mean, std and crop are the
 training preprocessing when ``metadata["preprocessing"]`` is given, so that
 ``timm.data.resolve_data_config(model=loaded)`` returns it -- plus a ``"dismax"`` block: format, stock
-architecture, head kind, temperature, stored thresholds, versions and the caller's ``metadata``. Each file
+architecture, head kind and options, temperature, the chosen OOD score and the size of the calibration
+split behind its thresholds, versions and the caller's ``metadata``. Each file
 is written under a temporary name and renamed into place (``os.replace``). Loading reads JSON and
 safetensors only (nothing is unpickled). Folders of the first format (``dismax_model.json``) still load.
 """
@@ -30,7 +31,7 @@ from torch import nn
 
 from dismax_plugin import __version__ as _plugin_version
 
-from ._convert import convert_timm_model, get_head, head_kind
+from ._convert import convert_timm_model, get_head, head_kind, head_options
 from ._names import HEAD_KINDS, architecture_of, check_timm_model
 
 __all__ = ["CONFIG_NAME", "FORMAT", "WEIGHTS_NAME", "load_model", "read_metadata", "save_model"]
@@ -74,9 +75,10 @@ def _dismax_block(model: nn.Module, metadata: Mapping[str, Any]) -> dict[str, An
         "format_version": _FORMAT_VERSION,
         "architecture": architecture_of(model),
         "head": head_kind(model),
+        "head_options": head_options(model),
         "temperature": float(head.temperature) if head is not None else 1.0,
-        "threshold_score": head.stored_score if head is not None else None,
-        "thresholds": {str(t): v for t, v in head.stored_thresholds.items()} if head is not None else {},
+        "score": head.score if head is not None else None,
+        "calibration_size": head.calibration_size if head is not None else 0,
         "versions": {"dismax_plugin": _plugin_version, "timm": timm.__version__, "torch": torch.__version__},
         "metadata": _jsonable(dict(metadata), "metadata"),
     }
@@ -182,7 +184,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """What a directory written by :func:`save_model` says, as one dict.
 
     Keys: ``format``, ``format_version``, ``architecture`` (the stock timm name), ``model_args``, ``head``,
-    ``num_classes``, ``temperature``, ``threshold_score``, ``thresholds``, ``data_config``, ``versions``,
+    ``num_classes``, ``head_options``, ``temperature``, ``score``, ``calibration_size``, ``data_config``, ``versions``,
     ``metadata`` (the caller's) and, for the timm-native format, ``pretrained_cfg``.
 
     :raises FileNotFoundError: if the directory or its ``config.json`` is missing.
@@ -221,7 +223,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     """Rebuild a model saved by :func:`save_model`, in eval mode, with one call (JSON + safetensors only).
 
     The timm architecture is built with the saved arguments, converted to the saved head, given the saved
-    ``pretrained_cfg`` (the training preprocessing), and the weights (temperature and thresholds included)
+    ``pretrained_cfg`` (the training preprocessing), and the weights (temperature and calibration scores included)
     are loaded strictly. ``model.dismax_metadata`` holds :func:`read_metadata`.
 
     :param device: where to put the model (default: CPU).
@@ -236,7 +238,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
         raise FileNotFoundError(f"'{weights}' is missing; expected a directory written by save_model().")
     model = timm.create_model(arch, pretrained=False, **dict(model_args, num_classes=num_classes))
     if kind != "linear":
-        convert_timm_model(model, kind)
+        convert_timm_model(model, kind, **dict(config.get("head_options") or {}))
     if config.get("pretrained_cfg"):
         model.pretrained_cfg = model.default_cfg = {
             **model.pretrained_cfg,

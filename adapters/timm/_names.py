@@ -22,6 +22,13 @@ HEAD_KINDS: tuple[str, ...] = (*HEADS, "linear")
 KIND_ATTR = "_dismax_head_kind"
 """Instance attribute of a converted model: its head kind (kept while ``num_classes == 0``)."""
 
+OPTIONS_ATTR = "_dismax_head_options"
+"""Instance attribute of a converted model: the keyword options of its heads (``entropic_scale``), reused by
+``reset_classifier`` and saved with the model."""
+
+HEAD_OPTIONS: tuple[str, ...] = ("entropic_scale",)
+"""Keyword options of the isotropic heads that ``create_model``/``convert_timm_model`` accept."""
+
 
 def registered_name(architecture: str, head: str) -> str:
     """timm registry name of ``architecture`` with an isotropic ``head``: ``"<architecture>_<head>"``."""

@@ -5,7 +5,8 @@ timm (its cache, ``HF_HUB_OFFLINE``, ``HF_HUB_CACHE``; also for ``"hf-hub:<repo>
 file given as
 ``pretrained_cfg_overlay=dict(file=...)`` (``.safetensors``/``.pth``) or ``dict(state_dict=...)``. timm drops
 a classifier of another size; the classifier is then replaced by the head anyway, so only the backbone
-weights are kept. A checkpoint of a converted model (it holds ``*.prototypes``) is loaded whole.
+weights are kept. A checkpoint of a converted model (its classifier holds a ``temperature``; earlier versions
+``*.prototypes``) is loaded whole.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from torch import nn
 
 from dismax_plugin._checks import check_choice
 
-from ._convert import classifier_paths, convert_timm_model, head_kind, mark_converted
-from ._names import HEAD_KINDS, architecture_of, check_architecture, check_num_classes
+from ._convert import check_head_options, classifier_paths, convert_timm_model, head_kind, mark_converted
+from ._names import HEAD_KINDS, HEAD_OPTIONS, architecture_of, check_architecture, check_num_classes
 
 __all__ = ["create_model"]
 
@@ -59,7 +60,8 @@ def _local_weights(cfg: Mapping[str, Any]) -> tuple[str, Any] | None:
 
 
 def _has_head_weights(state_dict: Mapping[str, Any]) -> bool:
-    return any(key.endswith(".prototypes") for key in state_dict)
+    """Whether ``state_dict`` is a converted model's (an isotropic head's buffers, or the earlier ``prototypes``)."""
+    return any(key.endswith((".prototypes", ".calibration_scores")) for key in state_dict)
 
 
 def _classes_in(state_dict: Mapping[str, Any], cfg: Mapping[str, Any]) -> int | None:
@@ -167,7 +169,7 @@ def _hub_error(model_name: str, arch: str, kwargs: dict[str, Any], error: Except
     )
 
 
-def _build(model_name: str, arch: str, kind: str, kwargs: dict[str, Any]) -> nn.Module:
+def _build(model_name: str, arch: str, kind: str, kwargs: dict[str, Any], options: dict) -> nn.Module:
     """``timm.create_model`` with ``kwargs``; hub failures become a RuntimeError saying what to do."""
     local = any(k in (kwargs.get("pretrained_cfg_overlay") or {}) for k in ("file", "state_dict"))
     from_hub = arch.startswith("hf-hub:") or (bool(kwargs.get("pretrained")) and not local)
@@ -183,8 +185,16 @@ def _build(model_name: str, arch: str, kind: str, kwargs: dict[str, Any]) -> nn.
     if kind == "linear":
         return model
     if kwargs.get("num_classes") == 0:
-        return mark_converted(model, kind)  # timm's feature model; reset_classifier(n) brings the head
-    return convert_timm_model(model, kind)
+        return mark_converted(model, kind, options)  # timm's feature model; reset_classifier(n) brings the head
+    return convert_timm_model(model, kind, **options)
+
+
+def _head_options(kind: str, timm_kwargs: dict[str, Any]) -> dict:
+    """Take the head options (:data:`~._names.HEAD_OPTIONS`) out of ``timm_kwargs``, checked."""
+    options = {name: timm_kwargs.pop(name) for name in HEAD_OPTIONS if name in timm_kwargs}
+    if kind == "linear" and any(v is not None for v in options.values()):
+        raise TypeError(f"head options {sorted(options)} apply to isotropic heads, not to head='linear'.")
+    return check_head_options(options) if kind != "linear" else {}
 
 
 def create_model(
@@ -197,7 +207,8 @@ def create_model(
 ) -> nn.Module:
     """``timm.create_model`` with the final classifier replaced by an isotropic head.
 
-    Everything else goes to ``timm.create_model`` (``in_chans``, ``img_size``, ``global_pool``,
+    Head options (``entropic_scale``) go to the isotropic heads; everything else goes to
+    ``timm.create_model`` (``in_chans``, ``img_size``, ``global_pool``,
     ``features_only``, ``pretrained_cfg``, ``pretrained_cfg_overlay``, ``cache_dir``, ...).
 
     * ``pretrained=True``: timm's weights (Hugging Face hub and its cache, or the local file of
@@ -218,6 +229,7 @@ def create_model(
     """
     kind = check_choice("head", head, HEAD_KINDS)
     check_num_classes(num_classes)
+    options = _head_options(kind, timm_kwargs)
     arch, kwargs, declares_classifier = _timm_kwargs(model_name, num_classes, timm_kwargs)
     if kind != "linear" and not declares_classifier and not kwargs.get("features_only"):
         raise ValueError(
@@ -236,7 +248,7 @@ def create_model(
             "features_only=True takes backbone weights from pretrained=True (timm's or a stock file); load a "
             "checkpoint of a converted model into create_model(...) without features_only."
         )
-    model = _build(model_name, arch, kind, kwargs)
+    model = _build(model_name, arch, kind, kwargs, options)
     if kwargs.get("features_only"):
         return model
     if whole_weights is not None:

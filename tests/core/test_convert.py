@@ -54,11 +54,11 @@ def test_mlp_keeps_sizes_dtype_and_trains(head):
     convert(model, head=head)
     new = model[4]
     assert type(new) is HEADS[head] and (new.in_features, new.num_classes) == (12, 5)
-    assert new.prototypes.dtype == torch.float64
+    assert new.weight.dtype == torch.float64
     logits = model(torch.randn(4, 6, dtype=torch.float64))
     assert logits.dtype == torch.float64 and logits.shape == (4, 5)
     dismax_loss(logits, torch.tensor([0, 1, 2, 3])).backward()
-    assert model[0].weight.grad is not None and new.prototypes.grad is not None
+    assert model[0].weight.grad is not None and new.weight.grad is not None
 
 
 def test_device_is_kept():
@@ -70,7 +70,7 @@ def test_device_is_kept():
 def test_a_bare_linear_becomes_a_head():
     linear = nn.Linear(8, 3, dtype=torch.float64)
     head = convert(linear, head="dismax")
-    assert isinstance(head, DisMaxHead) and head.prototypes.dtype == torch.float64
+    assert isinstance(head, DisMaxHead) and head.weight.dtype == torch.float64
     assert (head.in_features, head.num_classes) == (8, 3)
 
 

@@ -133,12 +133,13 @@ def test_dismax_loss_on_an_fpr_batch_is_the_papers_objective(size, classes, alph
         labels = torch.randint(0, classes, (size,), generator=gen(labels_seed))
     _, targets, stitched = fpr_mix(images, labels, classes, generator=gen(15))
     logits = torch.randn(size, classes, generator=gen(16), dtype=torch.float64).requires_grad_(True)
-    got = DisMaxLoss(entropic_scale=10.0, alpha=alpha)(logits, targets, stitched)
+    got = DisMaxLoss(alpha=alpha)(10.0 * logits, targets, stitched)  # the head's training output: E z
     want = paper_objective(logits, targets, size - size // 2, 10.0, alpha)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     # Same gradients as the transcription, and the float32 path agrees to float32 accuracy.
     torch.testing.assert_close(torch.autograd.grad(got, logits)[0], torch.autograd.grad(want, logits)[0])
-    torch.testing.assert_close(dismax_loss(logits.detach().float(), targets, alpha=alpha, stitched=stitched).double(),
+    torch.testing.assert_close(dismax_loss(10.0 * logits.detach().float(), targets, alpha=alpha,
+                                           stitched=stitched).double(),
                                want.detach(), rtol=1e-5, atol=1e-5)
 
 
@@ -149,8 +150,8 @@ def test_label_smoothing_applies_to_the_clean_rows_only():
     eps, n_clean = 0.1, 5
     smoothed = targets.double().clone()
     smoothed[:n_clean] = smoothed[:n_clean] * (1 - eps) + eps / 7  # the clean rows' smoothed targets
-    want = paper_objective(logits, targets, n_clean, 10.0, 0.5)
-    log_p = torch.log_softmax(10.0 * logits, dim=1)
+    want = paper_objective(logits, targets, n_clean, 1.0, 0.5)  # the logits stand for E z
+    log_p = torch.log_softmax(logits, dim=1)
     ce_clean = -(smoothed[:n_clean] * log_p[:n_clean]).sum(dim=1).mean()
     ce_plain = -log_p[:n_clean].gather(1, targets[:n_clean].argmax(dim=1, keepdim=True)).mean()
     want = want + (ce_clean - ce_plain) / 2  # only the clean half of the objective changes
@@ -163,7 +164,7 @@ def test_soft_rows_without_the_mask_are_plain_cross_entropy():
     logits = torch.randn(6, 4, generator=gen(23), dtype=torch.float64)
     smoothed = F.one_hot(torch.arange(6) % 4, 4).double() * 0.9 + 0.1 / 4
     got = DisMaxLoss(alpha=0.0)(logits, smoothed)
-    want = -(smoothed * torch.log_softmax(10.0 * logits, dim=1)).sum(dim=1).mean()
+    want = -(smoothed * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
     assert float(got) > 0.1
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(got, dismax_loss(logits, torch.arange(6) % 4, label_smoothing=0.1, alpha=0.0))

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dismax_plugin import (
+    ENTROPIC_SCALE,
     HEADS,
     SCORE_NAMES,
     DisMaxHead,
@@ -17,7 +18,6 @@ from dismax_plugin import (
     IsoMaxPlusHead,
     PrototypeHead,
     calibrate_temperature,
-    compute_thresholds,
     create_head,
     dismax_loss,
     expected_calibration_error,
@@ -35,7 +35,7 @@ def randn(*shape, seed=0, dtype=torch.float32):
 def reference_logits(head, features):
     """Float64 transcription of the papers' formulas (explicit differences, F.normalize)."""
     f = features.detach().double()
-    p = head.prototypes.detach().double()
+    p = head.weight.detach().double()
     t = float(head.temperature)
     if isinstance(head, IsoMaxPlusHead):
         s = abs(float(head.distance_scale.detach()))
@@ -48,13 +48,14 @@ def reference_logits(head, features):
 
 
 def make_head(cls, in_features=24, num_classes=7, seed=0, dtype=torch.float32):
+    """A head with random prototypes, in eval mode (its output: the calibrated logits z / T)."""
     torch.manual_seed(seed)
     head = cls(in_features, num_classes, dtype=dtype)
     with torch.no_grad():
-        head.prototypes.copy_(randn(num_classes, in_features, seed=seed + 1, dtype=dtype))
+        head.weight.copy_(randn(num_classes, in_features, seed=seed + 1, dtype=dtype))
         if isinstance(head, IsoMaxPlusHead):
             head.distance_scale.fill_(-2.5)  # the sign must not matter: |s|
-    return head
+    return head.eval()
 
 
 # ----------------------------------------------------------------------------------------------- formulas
@@ -82,9 +83,9 @@ def test_float64_head_matches_transcription_tightly(cls):
 @pytest.mark.parametrize("cls", HEAD_CLASSES)
 def test_logits_are_non_positive_and_largest_at_the_nearest_prototype(cls):
     head = make_head(cls)
-    features = head.prototypes.detach()[[4, 1, 6]] * 3.0  # same direction as prototypes 4, 1, 6
+    features = head.weight.detach()[[4, 1, 6]] * 3.0  # same direction as prototypes 4, 1, 6
     if cls is IsoMaxHead:
-        features = head.prototypes.detach()[[4, 1, 6]] + 0.01
+        features = head.weight.detach()[[4, 1, 6]] + 0.01
     logits = head(features)
     assert logits.argmax(dim=1).tolist() == [4, 1, 6]
     assert (logits <= 1e-6).all()
@@ -99,12 +100,12 @@ def test_dismax_logits_are_distance_plus_mean_distance():
 
 @pytest.mark.parametrize("cls", HEAD_CLASSES)
 def test_gradients_reach_features_prototypes_and_scale(cls):
-    head = make_head(cls)
+    head = make_head(cls).train()
     features = randn(10, 24, seed=5).requires_grad_(True)
     loss = dismax_loss(head(features), torch.arange(10) % 7)
     loss.backward()
     params = dict(head.named_parameters())
-    assert set(params) == ({"prototypes", "distance_scale"} if cls is not IsoMaxHead else {"prototypes"})
+    assert set(params) == ({"weight", "distance_scale"} if cls is not IsoMaxHead else {"weight"})
     for tensor in [features, *params.values()]:
         assert tensor.grad is not None and torch.isfinite(tensor.grad).all() and tensor.grad.abs().sum() > 0
 
@@ -112,11 +113,11 @@ def test_gradients_reach_features_prototypes_and_scale(cls):
 @pytest.mark.parametrize("cls", HEAD_CLASSES)
 def test_finite_gradient_when_a_feature_sits_on_a_prototype(cls):
     head = make_head(cls)
-    features = head.prototypes.detach()[:3].clone().requires_grad_(True)
+    features = head.weight.detach()[:3].clone().requires_grad_(True)
     logits = head(features)
     assert torch.isfinite(logits).all()
     logits.sum().backward()
-    assert torch.isfinite(features.grad).all() and torch.isfinite(head.prototypes.grad).all()
+    assert torch.isfinite(features.grad).all() and torch.isfinite(head.weight.grad).all()
 
 
 # ----------------------------------------------------------------------------------------------- construction
@@ -125,18 +126,20 @@ def test_attributes_and_initialisation(cls):
     torch.manual_seed(0)
     head = cls(200, 60)
     assert (head.in_features, head.num_classes) == (200, 60)
-    assert isinstance(head, PrototypeHead) and head.prototypes.shape == (60, 200)
-    assert isinstance(head.prototypes, torch.nn.Parameter)
+    assert isinstance(head, PrototypeHead) and head.weight.shape == (60, 200)
+    assert isinstance(head.weight, torch.nn.Parameter)
     if cls is IsoMaxHead:
-        assert torch.count_nonzero(head.prototypes) == 0
+        assert torch.count_nonzero(head.weight) == 0
         assert not hasattr(head, "distance_scale")
     else:  # N(0, 1): 12 000 draws
-        p = head.prototypes.detach()
+        p = head.weight.detach()
         assert abs(float(p.mean())) < 0.05 and abs(float(p.std()) - 1.0) < 0.05
         assert isinstance(head.distance_scale, torch.nn.Parameter) and head.distance_scale.tolist() == [1.0]
     buffers = dict(head.named_buffers())
     assert float(buffers["temperature"]) == 1.0 and "temperature" not in dict(head.named_parameters())
-    assert buffers["thresholds"].numel() == 0 and head.stored_score is None and head.stored_thresholds == {}
+    assert buffers["calibration_scores"].shape == (len(SCORE_NAMES), 0) and head.calibration_size == 0
+    assert head.score == cls.default_score and int(buffers["score_index"]) == -1
+    assert head.entropic_scale == ENTROPIC_SCALE == 10.0 and head.training  # nn.Module's default mode
 
 
 @pytest.mark.parametrize("cls", HEAD_CLASSES)
@@ -144,20 +147,21 @@ def test_device_and_dtype_are_honoured(cls):
     head = cls(6, 3, device="meta", dtype=torch.float64)
     for name, tensor in [*head.named_parameters(), *head.named_buffers()]:
         assert tensor.device.type == "meta", name
-    assert head.prototypes.dtype == torch.float64 and head.temperature.dtype == torch.float64
+    assert head.weight.dtype == torch.float64 and head.temperature.dtype == torch.float64
     cpu = cls(6, 3, dtype=torch.float64)
     assert cpu(torch.randn(2, 6, dtype=torch.float64)).dtype == torch.float64
     materialised = head.to_empty(device="cpu")  # meta-device initialisation flow
-    assert materialised.thresholds.device.type == "cpu" and materialised.thresholds.dtype == torch.float64
+    scores_buffer = materialised.calibration_scores
+    assert scores_buffer.device.type == "cpu" and scores_buffer.dtype == torch.float64
 
 
 def test_isomax_zero_init_gives_uniform_logits_and_can_learn():
     head = IsoMaxHead(5, 4)
     features = randn(3, 5, seed=6)
-    logits = head(features)
-    torch.testing.assert_close(logits, -features.norm(dim=1, keepdim=True).expand(3, 4))
+    logits = head(features)  # training mode: E z
+    torch.testing.assert_close(logits, -10.0 * features.norm(dim=1, keepdim=True).expand(3, 4))
     dismax_loss(logits, torch.tensor([0, 1, 2])).backward()
-    assert head.prototypes.grad.abs().sum() > 0
+    assert head.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("cls", HEAD_CLASSES)
@@ -188,16 +192,18 @@ def test_ood_scores_rankings_and_flags_do_not_depend_on_the_temperature(cls):
     head = make_head(cls, in_features=16, num_classes=4)
     val, test = randn(200, 16, seed=20), randn(300, 16, seed=21) * 3
     with torch.no_grad():
-        head.set_thresholds(compute_thresholds(head.ood_score(head(val))))
+        head.calibrate_scores(head(val))
         at_one = {name: head.ood_score(head(test), name) for name in SCORE_NAMES}
         flags = head.is_ood(head(test))
         for temperature in (0.03, 0.4, 25.0):  # ECE calibration on ~100% accurate data drives T towards 0
             head.set_temperature(temperature)
+            head.calibrate_scores(head(val))
             calibrated = head(test)
             for name in SCORE_NAMES:
                 got = head.ood_score(calibrated, name)
                 torch.testing.assert_close(got, at_one[name], rtol=1e-5, atol=1e-6)
-            assert torch.equal(head.is_ood(calibrated), flags)
+            # the same decisions, up to a sample within a rounding error of the threshold
+            assert int((head.is_ood(calibrated) != flags).sum()) <= 1
         # Scoring the calibrated logits directly would rank the inputs differently (MPS saturates at T = 0.03).
         head.set_temperature(0.03)
         assert not torch.equal(scores.mps(head(test)).argsort(), at_one["mps"].argsort())
@@ -233,7 +239,7 @@ def test_zero_and_tiny_feature_rows_in_half_precision(cls, dtype):
     features.requires_grad_(True)
     logits = head(features)
     assert logits.dtype == dtype and torch.isfinite(logits).all()
-    f, p = features.detach().double(), head.prototypes.detach().double()
+    f, p = features.detach().double(), head.weight.detach().double()
     eps = 2.0**-8 if dtype == torch.float16 else 1e-12  # the documented normalisation floors
     if cls is IsoMaxHead:
         want = -(f[:, None] - p[None]).norm(dim=-1)
@@ -254,8 +260,9 @@ def test_extra_repr_is_readable(cls):
     assert text.startswith(cls.__name__ + "(") and "in_features=24, num_classes=7" in text
     if cls is not IsoMaxHead:
         assert "distance_scale=2.5" in text
-    head.set_thresholds({0.95: -1.5})
-    assert f"thresholds[{cls.default_score}]" in repr(head)
+    head.calibrate_scores(head(randn(5, 24)))
+    assert f"score='{cls.default_score}', calibration_size=5" in repr(head)
+    assert "entropic_scale" not in text and "entropic_scale=3" in repr(cls(4, 3, entropic_scale=3.0))
 
 
 @pytest.mark.parametrize("cls", HEAD_CLASSES)
@@ -266,11 +273,11 @@ def test_pre_logits_returns_the_features(cls):
 
 
 @pytest.mark.parametrize("cls", HEAD_CLASSES)
-def test_reset_changes_the_class_count_and_clears_thresholds(cls):
+def test_reset_changes_the_class_count_and_clears_the_calibration(cls):
     head = make_head(cls)
-    head.set_thresholds({0.9: -2.0})
+    head.calibrate_scores(head(randn(5, 24)))
     head.reset(11)
-    assert head.num_classes == 11 and head.prototypes.shape == (11, 24) and head.stored_score is None
+    assert head.num_classes == 11 and head.weight.shape == (11, 24) and head.calibration_size == 0
     assert head(randn(3, 24)).shape == (3, 11)
     if cls is not IsoMaxHead:
         assert head.distance_scale.tolist() == [1.0]  # a fresh head: the scale is re-initialised too
@@ -281,8 +288,9 @@ def test_reset_changes_the_class_count_and_clears_thresholds(cls):
 def test_state_dict_round_trip_into_a_fresh_head(cls):
     head = make_head(cls)
     head.set_temperature(1.3)
-    head.set_thresholds({0.9: -3.25, 0.95: -4.5}, score_name="mps")
-    expected_keys = {"prototypes", "temperature", "thresholds", "threshold_tprs", "threshold_score"}
+    head.calibrate_scores(head(randn(11, 24, seed=3)))
+    head.set_score("mds")
+    expected_keys = {"weight", "temperature", "calibration_scores", "score_index"}
     if cls is not IsoMaxHead:
         expected_keys.add("distance_scale")
     state = head.state_dict()
@@ -290,31 +298,87 @@ def test_state_dict_round_trip_into_a_fresh_head(cls):
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)
-    fresh = cls(24, 7)
+    fresh = cls(24, 7).eval()
     fresh.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
     features = randn(6, 24, seed=9)
     torch.testing.assert_close(fresh(features), head(features))
-    assert float(fresh.temperature) == pytest.approx(1.3)
-    assert fresh.stored_score == "mps" and fresh.stored_thresholds == {0.9: -3.25, 0.95: -4.5}
+    assert float(fresh.temperature) == pytest.approx(1.3) and fresh.score == "mds"
     logits = head(features)
     assert torch.equal(fresh.is_ood(logits, tpr=0.9), head.is_ood(logits, tpr=0.9))
-    # ... and back into a head that holds a different number of thresholds
-    other = cls(24, 7)
-    other.set_thresholds({0.99: 1.0})
-    other.load_state_dict(head.state_dict())
-    assert other.stored_thresholds == head.stored_thresholds
+
+
+@pytest.mark.parametrize("cls", HEAD_CLASSES)
+def test_state_dicts_of_the_earlier_format_load(cls):
+    """``prototypes`` (now ``weight``) and three stored thresholds (now calibration scores: dropped, warned)."""
+    head = make_head(cls)
+    old = {("prototypes" if k == "weight" else k): v for k, v in head.state_dict().items()}
+    for key in ("calibration_scores", "score_index"):
+        del old[key]
+    old.update(thresholds=torch.tensor([-1.0, -2.0], dtype=torch.float64),
+               threshold_tprs=torch.tensor([0.9, 0.95], dtype=torch.float64), threshold_score=torch.tensor(0))
+    fresh = cls(24, 7).eval()
+    with pytest.warns(UserWarning, match="calibrate the model again"):
+        fresh.load_state_dict(old, strict=True)
+    assert torch.equal(fresh.weight, head.weight) and fresh.calibration_size == 0
+    torch.testing.assert_close(fresh(randn(3, 24)), head(randn(3, 24)))
+    model = torch.nn.Sequential(cls(24, 7))  # under a prefix, without thresholds: no warning
+    model.load_state_dict({f"0.{k}": v for k, v in old.items() if "threshold" not in k})
+    assert torch.equal(model[0].weight, head.weight)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
-def test_dtype_conversion_keeps_thresholds_exact(dtype):
+def test_dtype_conversion_keeps_the_calibration_scores_exact(dtype):
     head = make_head(DisMaxHead)
-    head.set_thresholds({0.95: -1.2345678, 0.9: -1.0}, score_name="mmles")
+    head.calibrate_scores(head(randn(20, 24, seed=10)))
+    stored = head.calibration_scores.clone()
     head = head.to(dtype)
-    assert head.prototypes.dtype == dtype and head.thresholds.dtype == torch.float64
-    assert head.stored_thresholds == {0.95: -1.2345678, 0.9: -1.0}
+    assert head.weight.dtype == dtype and head.calibration_scores.dtype == torch.float64
+    assert torch.equal(head.calibration_scores, stored)
     logits = head(randn(4, 24, seed=10).to(dtype))
     flags = head.is_ood(logits, tpr=0.95)
-    assert torch.equal(flags, scores.mmles(logits) < -1.2345678)
+    assert torch.equal(flags, head.ood_score(logits) < float(stored[SCORE_NAMES.index("mps")][1]))
+
+
+# ----------------------------------------------------------------------------------------------- training mode
+@pytest.mark.parametrize("cls", HEAD_CLASSES)
+@pytest.mark.parametrize("entropic_scale", [10.0, 3.5])
+def test_training_mode_returns_the_entropically_scaled_logits_at_t1(cls, entropic_scale):
+    head = make_head(cls)
+    head.entropic_scale = entropic_scale
+    head.set_temperature(0.2)  # a calibrated temperature is not applied in training mode
+    features = randn(9, 24, seed=13)
+    z = head.distance_logits(features)
+    assert torch.equal(head.train()(features), z * entropic_scale)
+    torch.testing.assert_close(head.eval()(features), z / 0.2)
+    built = create_head(cls.kind, 24, 7, entropic_scale=entropic_scale)
+    assert built.entropic_scale == entropic_scale
+
+
+@pytest.mark.parametrize("cls", HEAD_CLASSES)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_plain_cross_entropy_of_the_training_output_is_the_isotropic_loss(cls, smoothing):
+    """What makes stock training code (timm's train.py and its losses) train the isotropic loss."""
+    labels = torch.arange(12) % 7
+    grads = []
+    for use_torch in (True, False):
+        head = make_head(cls).train()
+        features = randn(12, 24, seed=14).requires_grad_(True)
+        if use_torch:
+            loss = torch.nn.CrossEntropyLoss(label_smoothing=smoothing)(head(features), labels)
+        else:
+            loss = IsoMaxLoss(label_smoothing=smoothing)(head(features), labels)
+            reference = F.cross_entropy(10.0 * head.distance_logits(features), labels, label_smoothing=smoothing)
+            torch.testing.assert_close(loss, reference)
+        loss.backward()
+        grads.append([features.grad, *[p.grad for p in head.parameters()]])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_training_output_of_half_precision_heads_is_float32():
+    head = make_head(DisMaxHead).to(torch.bfloat16).train()
+    out = head(randn(3, 24).to(torch.bfloat16))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
 # ----------------------------------------------------------------------------------------------- AMP
@@ -365,10 +429,9 @@ def test_bad_features(features, error):
 
 @pytest.mark.parametrize("call, error, argument", [
     (lambda h: h.set_temperature(0.0), ValueError, "temperature"),
-    (lambda h: h.set_thresholds({0.95: 1.0}, score_name="energy"), ValueError, "score_name"),
-    (lambda h: h.set_thresholds({}), ValueError, "thresholds"),
-    (lambda h: h.set_thresholds({1.5: 1.0}), ValueError, "tpr"),
-    (lambda h: h.set_thresholds({0.9: float("nan")}), ValueError, "thresholds"),
+    (lambda h: h.set_score("energy"), ValueError, "score"),
+    (lambda h: h.threshold(0.95), RuntimeError, "no calibration scores"),
+    (lambda h: DisMaxHead(4, 3, entropic_scale=0.0), ValueError, "entropic_scale"),
     (lambda h: h.reset(1), ValueError, "num_classes"),
     (lambda h: create_head("softmax", 4, 3), ValueError, "head"),
 ])

@@ -1,4 +1,8 @@
-"""IsoMax and DisMax losses vs float64 transcriptions; targets; stability at large logit gaps; bad input."""
+"""IsoMax and DisMax losses vs float64 transcriptions; targets; stability at large logit gaps; bad input.
+
+The losses take a head's training-mode output, the logits already multiplied by the entropic scale E (the
+head applies it): the transcriptions below are written for such inputs, ``E z`` with E = 10 where it matters.
+"""
 
 import pytest
 import torch
@@ -34,20 +38,21 @@ def soft_targets(batch, classes, seed):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("scale", [10.0, 1.0, 3.5])
-def test_isomax_loss_is_cross_entropy_of_scaled_logits(reduction, scale):
-    logits, labels = -randn(12, 5, seed=1).abs(), torch.arange(12) % 5
-    got = isomax_loss(logits, labels, entropic_scale=scale, reduction=reduction)
-    per_sample = -log_softmax64(scale * logits.double())[torch.arange(12), labels]
+def test_isomax_loss_is_cross_entropy_of_the_scaled_logits_it_is_given(reduction, scale):
+    z, labels = -randn(12, 5, seed=1).abs(), torch.arange(12) % 5
+    got = isomax_loss(scale * z, labels, reduction=reduction)  # the head's training output, E z
+    per_sample = -log_softmax64(scale * z.double())[torch.arange(12), labels]
     torch.testing.assert_close(got.double(), reduce(per_sample, reduction), rtol=1e-6, atol=1e-6)
-    module = IsoMaxLoss(entropic_scale=scale, reduction=reduction)
-    torch.testing.assert_close(module(logits, labels), got)
+    module = IsoMaxLoss(reduction=reduction)
+    torch.testing.assert_close(module(scale * z, labels), got)
+    torch.testing.assert_close(got, F.cross_entropy(scale * z, labels, reduction=reduction))  # nothing more
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_isomax_loss_with_soft_targets(reduction):
     logits, targets = randn(9, 6, seed=2), soft_targets(9, 6, seed=3)
     got = isomax_loss(logits, targets.float(), reduction=reduction)
-    per_sample = -(targets * log_softmax64(10.0 * logits.double())).sum(dim=1)
+    per_sample = -(targets * log_softmax64(logits.double())).sum(dim=1)
     torch.testing.assert_close(got.double(), reduce(per_sample, reduction), rtol=1e-6, atol=1e-5)
 
 
@@ -61,7 +66,7 @@ def test_dismax_loss_ce_on_one_hot_rows_and_alpha_kl_on_fractional_rows(alpha, r
                                 [0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0]], dtype=torch.float64)
     stitched = torch.arange(10) >= 6
     got = dismax_loss(logits, targets.float(), alpha=alpha, reduction=reduction, stitched=stitched)
-    log_p = log_softmax64(10.0 * logits)
+    log_p = log_softmax64(logits)
     ce = -(targets * log_p).sum(dim=1)
     kl = (torch.special.xlogy(targets, targets) - targets * log_p).sum(dim=1)
     per_sample = torch.cat([ce[:6], alpha * kl[6:]])
@@ -81,7 +86,7 @@ def test_label_smoothing_is_cross_entropy_with_smoothed_targets(fn, soft):
     one_hot = F.one_hot(labels, 5).double()
     targets = one_hot if soft else labels
     smoothed = one_hot * (1 - 0.2) + 0.2 / 5
-    want = -(smoothed * log_softmax64(10.0 * logits)).sum(dim=1)
+    want = -(smoothed * log_softmax64(logits)).sum(dim=1)
     torch.testing.assert_close(fn(logits, targets, label_smoothing=0.2, reduction="none"), want)
     module = IsoMaxLoss(label_smoothing=0.2) if fn is isomax_loss else DisMaxLoss(label_smoothing=0.2)
     torch.testing.assert_close(module(logits, targets), want.mean())
@@ -92,7 +97,7 @@ def test_dismax_loss_mean_of_one_group_only():
     one_hot = torch.nn.functional.one_hot(labels, 4).double()
     torch.testing.assert_close(dismax_loss(logits, one_hot), dismax_loss(logits, labels))
     mixed = torch.full((5, 4), 0.25, dtype=torch.float64)
-    log_p = log_softmax64(10.0 * logits)
+    log_p = log_softmax64(logits)
     kl = (torch.special.xlogy(mixed, mixed) - mixed * log_p).sum(dim=1)
     got = dismax_loss(logits, mixed.float(), alpha=0.3, stitched=torch.ones(5, dtype=torch.bool)).double()
     torch.testing.assert_close(got, 0.3 * kl.mean(), rtol=1e-6, atol=1e-5)
@@ -117,8 +122,8 @@ def test_gradients_match_finite_differences(fn):
     logits = randn(5, 4, seed=7, dtype=torch.float64).requires_grad_(True)
     targets = soft_targets(5, 4, seed=8)
     targets[0] = torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64)
-    assert gradcheck(lambda z: fn(z, targets, entropic_scale=2.0), (logits,))
-    assert gradcheck(lambda z: fn(z, torch.tensor([3, 0, 1, 2, 2]), entropic_scale=2.0), (logits,))
+    assert gradcheck(lambda z: fn(2.0 * z, targets), (logits,))
+    assert gradcheck(lambda z: fn(z, torch.tensor([3, 0, 1, 2, 2])), (logits,))
 
 
 @pytest.mark.parametrize("fn", LOSS_FUNCTIONS)
@@ -126,13 +131,13 @@ def test_gradients_match_finite_differences(fn):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("soft", [False, True])
 def test_large_logit_gaps_stay_finite(fn, gap, dtype, soft):
-    # log(softmax) underflows to log(0) = -inf here; the exact loss of the wrong class is E * gap.
+    # log(softmax) underflows to log(0) = -inf here; the exact loss of the wrong class is the gap.
     logits = torch.tensor([[0.0, -gap, -gap], [-gap, 0.0, -gap]], dtype=dtype, requires_grad=True)
     labels = torch.tensor([1, 1])
     targets = torch.nn.functional.one_hot(labels, 3).to(dtype) if soft else labels
     loss = fn(logits, targets, reduction="none")
     gap_in_dtype = float(torch.tensor(gap, dtype=dtype))
-    torch.testing.assert_close(loss.double(), torch.tensor([10.0 * gap_in_dtype, 0.0], dtype=torch.float64),
+    torch.testing.assert_close(loss.double(), torch.tensor([gap_in_dtype, 0.0], dtype=torch.float64),
                                rtol=1e-6, atol=1e-6)
     loss.sum().backward()
     assert torch.isfinite(logits.grad).all()
@@ -177,12 +182,12 @@ def test_losses_compute_on_the_inputs_device_and_return_float():
 
 
 def test_module_repr_and_defaults():
-    assert repr(IsoMaxLoss()) == "IsoMaxLoss(entropic_scale=10.0, label_smoothing=0.0, reduction='mean')"
-    assert repr(DisMaxLoss(alpha=0.5)) == (
-        "DisMaxLoss(entropic_scale=10.0, alpha=0.5, label_smoothing=0.0, reduction='mean')"
-    )
+    assert repr(IsoMaxLoss()) == "IsoMaxLoss(label_smoothing=0.0, reduction='mean')"
+    assert repr(DisMaxLoss(alpha=0.5)) == "DisMaxLoss(alpha=0.5, label_smoothing=0.0, reduction='mean')"
     logits, labels = randn(6, 3, seed=11), torch.tensor([0, 1, 2, 0, 1, 2])
-    torch.testing.assert_close(IsoMaxLoss()(logits, labels), isomax_loss(logits, labels, 10.0))
+    torch.testing.assert_close(IsoMaxLoss()(logits, labels), isomax_loss(logits, labels))
+    with pytest.raises(TypeError, match="entropic_scale"):  # the scale belongs to the head now
+        IsoMaxLoss(entropic_scale=10.0)
 
 
 # ----------------------------------------------------------------------------------------------- bad input
@@ -192,9 +197,6 @@ LABELS = torch.tensor([0, 1, 2, 0])
 
 @pytest.mark.parametrize("fn", LOSS_FUNCTIONS)
 @pytest.mark.parametrize("kwargs, error, argument", [
-    ({"entropic_scale": 0.0}, ValueError, "entropic_scale"),
-    ({"entropic_scale": -1.0}, ValueError, "entropic_scale"),
-    ({"entropic_scale": "10"}, TypeError, "entropic_scale"),
     ({"reduction": "avg"}, ValueError, "reduction"),
     ({"label_smoothing": 1.0}, ValueError, "label_smoothing"),
     ({"label_smoothing": -0.1}, ValueError, "label_smoothing"),
@@ -219,8 +221,6 @@ def test_bad_loss_arguments(fn, kwargs, error, argument):
 
 
 @pytest.mark.parametrize("make, argument", [
-    (lambda: IsoMaxLoss(entropic_scale=0.0), "entropic_scale"),
-    (lambda: DisMaxLoss(entropic_scale=-2.0), "entropic_scale"),
     (lambda: DisMaxLoss(alpha=-0.1), "alpha"),
     (lambda: IsoMaxLoss(reduction="batchmean"), "reduction"),
     (lambda: dismax_loss(LOGITS, LABELS, alpha=-1.0), "alpha"),

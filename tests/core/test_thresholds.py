@@ -1,4 +1,5 @@
-"""OOD thresholds at in-distribution TPRs, storage in the head, is_ood and the state_dict round trip."""
+"""OOD thresholds at in-distribution TPRs: threshold_at, the calibration scores in the head, is_ood at any
+TPR and score (exact counts on the deployed path), and the state_dict round trip."""
 
 import io
 import math
@@ -6,7 +7,17 @@ import math
 import pytest
 import torch
 
-from dismax_plugin import DEFAULT_TPRS, DisMaxHead, IsoMaxHead, IsoMaxPlusHead, compute_thresholds, score
+from dismax_plugin import (
+    DEFAULT_TPRS,
+    SCORE_NAMES,
+    DisMaxHead,
+    IsoMaxHead,
+    IsoMaxPlusHead,
+    compute_thresholds,
+    flagged_count,
+    score,
+    threshold_at,
+)
 
 
 def gen(seed):
@@ -57,58 +68,102 @@ def test_accepts_lists_and_integer_scores():
     assert compute_thresholds(torch.tensor([3, 1, 2, 4]), tprs=(1.0,)) == {1.0: 1.0}
 
 
-@pytest.mark.parametrize("cls", [IsoMaxHead, IsoMaxPlusHead, DisMaxHead])
-def test_set_thresholds_and_is_ood(cls):
-    torch.manual_seed(0)
-    head = cls(8, 4)
-    id_logits = head(torch.randn(400, 8, generator=gen(2))).detach()
-    id_scores = head.ood_score(id_logits)
-    head.set_thresholds(compute_thresholds(id_scores))
-    assert head.stored_score == cls.default_score
-    for tpr in DEFAULT_TPRS:
-        flags = head.is_ood(id_logits, tpr=tpr)
-        assert flags.dtype == torch.bool and flags.shape == (400,)
-        assert float((~flags).double().mean()) >= tpr
-        torch.testing.assert_close(flags, id_scores < head.stored_thresholds[tpr])
-    assert head.is_ood(id_logits).sum() == head.is_ood(id_logits, tpr=0.95).sum()
+HEAD_CLASSES = [IsoMaxHead, IsoMaxPlusHead, DisMaxHead]
 
 
-def test_thresholds_for_another_score():
-    head = DisMaxHead(8, 4)
-    logits = torch.randn(50, 4, generator=gen(3))
-    head.set_thresholds(compute_thresholds(score(logits, "mps"), tprs=(0.8,)), score_name="MPS")
-    assert head.stored_score == "mps"
-    torch.testing.assert_close(head.is_ood(logits, tpr=0.8), score(logits, "mps") < head.stored_thresholds[0.8])
+def calibrated_head(cls, seed, temperature, n=400, in_features=8, num_classes=4):
+    """A random head in eval mode, at ``temperature``, calibrated on ``n`` random features; returns the
+    head and the calibration logits (its deployed output)."""
+    torch.manual_seed(seed)
+    head = cls(in_features, num_classes).eval()
+    if cls is IsoMaxHead:
+        with torch.no_grad():
+            head.weight.normal_()
+    head.set_temperature(temperature)
+    with torch.no_grad():
+        logits = head(torch.randn(n, in_features, generator=gen(seed + 1)) * 2)
+    head.calibrate_scores(logits)
+    return head, logits
 
 
-@pytest.mark.parametrize("cls", [IsoMaxHead, IsoMaxPlusHead, DisMaxHead])
-def test_thresholds_round_trip_through_state_dict_into_a_fresh_head(cls):
-    torch.manual_seed(1)
-    head = cls(8, 4)
-    logits = head(torch.randn(64, 8, generator=gen(4))).detach()
-    head.set_thresholds(compute_thresholds(head.ood_score(logits)))
+def test_threshold_at_is_the_order_statistic_of_flagged_count():
+    ordered = torch.arange(100, dtype=torch.float64)
+    assert flagged_count(100, 0.95) == 5 and threshold_at(ordered, 0.95) == 5.0
+    assert flagged_count(100, 1.0) == 0 and threshold_at(ordered, 1.0) == 0.0
+    assert flagged_count(3, 0.01) == 2  # never all of them
+    assert threshold_at(torch.tensor([2.0]), 0.5) == 2.0
+    with pytest.raises(ValueError, match="sorted"):
+        threshold_at(torch.tensor([2.0, 1.0]), 0.5)
+
+
+# Many random heads of every kind, T != 1, every score, any tpr: the deployed path (is_ood re-scoring the
+# head's output) flags exactly floor(N (1 - tpr)) of the calibration images.
+@pytest.mark.parametrize("cls", HEAD_CLASSES)
+@pytest.mark.parametrize("seed", range(12))
+def test_is_ood_flags_exactly_floor_n_one_minus_tpr_of_the_calibration_set(cls, seed):
+    temperature = [0.031, 0.4, 3.3, 22.7][seed % 4]
+    n = [100, 101, 257][seed % 3]
+    head, logits = calibrated_head(cls, seed, temperature, n=n)
+    assert head.calibration_size == n
+    for name in SCORE_NAMES:
+        stored = head.stored_scores(name)
+        if stored.unique().numel() != n:
+            continue  # ties: at most k flagged (checked below)
+        for tpr in (0.5, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0):
+            flags = head.is_ood(logits, tpr=tpr, score=name)
+            assert int(flags.sum()) == math.floor(n * (1 - tpr) + 1e-9), (name, tpr)
+
+
+@pytest.mark.parametrize("cls", HEAD_CLASSES)
+def test_raising_the_tpr_flags_fewer_and_any_tpr_works(cls):
+    head, logits = calibrated_head(cls, 3, 0.5)
+    counts = [int(head.is_ood(logits, tpr=t).sum()) for t in (0.6, 0.7, 0.83, 0.9, 0.97, 0.99)]
+    assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1]
+    thresholds = [head.threshold(t) for t in (0.6, 0.9, 0.99)]
+    assert thresholds == sorted(thresholds, reverse=True)
+    assert head.is_ood(logits).sum() == head.is_ood(logits, tpr=0.95).sum()
+
+
+def test_the_score_argument_and_the_chosen_score():
+    head, logits = calibrated_head(DisMaxHead, 5, 2.0)
+    assert head.score == DisMaxHead.default_score
+    torch.testing.assert_close(head.is_ood(logits, score="mds"), head.ood_score(logits, "mds") < head.threshold(
+        0.95, "mds"))
+    head.set_score("MMLES")
+    assert head.score == "mmles"
+    assert torch.equal(head.is_ood(logits), head.is_ood(logits, score="mmles"))
+    torch.testing.assert_close(head.ood_score(logits), score(logits * 2.0, "mmles"))
+    head.set_score(None)
+    assert head.score == DisMaxHead.default_score
+
+
+@pytest.mark.parametrize("cls", HEAD_CLASSES)
+def test_calibration_scores_round_trip_through_state_dict_into_a_fresh_head(cls):
+    head, logits = calibrated_head(cls, 1, 1.7, n=64)
+    head.set_score("es")
     buffer = io.BytesIO()
     torch.save(head.state_dict(), buffer)
     buffer.seek(0)
-    fresh = cls(8, 4)
-    assert fresh.stored_score is None
+    fresh = cls(8, 4).eval()
+    assert fresh.calibration_size == 0
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
-    assert fresh.stored_score == head.stored_score and fresh.stored_thresholds == head.stored_thresholds
+    assert fresh.calibration_size == 64 and fresh.score == "es"
+    assert torch.equal(fresh.calibration_scores, head.calibration_scores)
     for tpr in DEFAULT_TPRS:
         assert torch.equal(fresh.is_ood(logits, tpr=tpr), head.is_ood(logits, tpr=tpr))
-    # Inside a model, under a prefix, too.
-    model, fresh_model = torch.nn.Sequential(head), torch.nn.Sequential(cls(8, 4))
+    # Inside a model, under a prefix, too; and into a head calibrated on another number of images.
+    other, _ = calibrated_head(cls, 2, 1.0, n=7)
+    model, fresh_model = torch.nn.Sequential(head), torch.nn.Sequential(other)
     fresh_model.load_state_dict(model.state_dict())
-    assert fresh_model[0].stored_thresholds == head.stored_thresholds
+    assert torch.equal(fresh_model[0].calibration_scores, head.calibration_scores)
 
 
-def test_clear_thresholds():
-    head = DisMaxHead(4, 3)
-    head.set_thresholds({0.95: -1.0})
-    head.clear_thresholds()
-    assert head.stored_score is None and head.stored_thresholds == {}
-    with pytest.raises(RuntimeError, match="No OOD thresholds"):
-        head.is_ood(torch.zeros(2, 3))
+def test_clear_calibration():
+    head, logits = calibrated_head(DisMaxHead, 4, 1.0)
+    head.clear_calibration()
+    assert head.calibration_size == 0
+    with pytest.raises(RuntimeError, match="no calibration scores"):
+        head.is_ood(logits)
 
 
 # ----------------------------------------------------------------------------------------------- bad input
@@ -126,12 +181,17 @@ def test_bad_threshold_arguments(call, error, argument):
         call()
 
 
-@pytest.mark.parametrize("tpr, error, match", [
-    (0.5, ValueError, r"tpr=0.5 has no stored threshold; stored tprs: \[0.9, 0.95\]"),
-    (2.0, ValueError, "tpr must be a number in"),
+@pytest.mark.parametrize("call, error, match", [
+    (lambda h, z: h.is_ood(z, tpr=0.0), ValueError, "tpr must be a number in"),
+    (lambda h, z: h.is_ood(z, tpr=2.0), ValueError, "tpr must be a number in"),
+    (lambda h, z: h.is_ood(z, score="energy"), ValueError, "score"),
+    (lambda h, z: h.threshold(0.9, score="energy"), ValueError, "score"),
+    (lambda h, z: h.set_score("energy"), ValueError, "score"),
+    (lambda h, z: h.calibrate_scores(z[:, :2]), ValueError, r"\[N, 4\]"),
+    (lambda h, z: h.calibrate_scores(z[:0]), ValueError, "N >= 1"),
+    (lambda h, z: h.calibrate_scores(torch.full_like(z, float("nan"))), ValueError, "finite"),
 ])
-def test_is_ood_with_an_unstored_tpr(tpr, error, match):
-    head = DisMaxHead(4, 3)
-    head.set_thresholds({0.9: -1.0, 0.95: -2.0})
+def test_bad_calibration_arguments(call, error, match):
+    head, logits = calibrated_head(DisMaxHead, 6, 1.0, n=20)
     with pytest.raises(error, match=match):
-        head.is_ood(torch.zeros(2, 3), tpr=tpr)
+        call(head, logits)

@@ -15,7 +15,7 @@ def make(cls):
     torch.manual_seed(0)
     head = cls(8, 5)
     if cls is IsoMaxHead:
-        nn.init.normal_(head.prototypes)  # zeros would make every logit equal
+        nn.init.normal_(head.weight)  # zeros would make every logit equal
     head.set_temperature(0.5)
     return head.eval()
 
@@ -81,7 +81,7 @@ def test_traced_models_train(cls):
     head = make(cls).train()
     traced = torch.fx.symbolic_trace(head, concrete_args={"pre_logits": False})
     traced(features()).sum().backward()
-    assert torch.isfinite(head.prototypes.grad).all() and head.prototypes.grad.abs().sum() > 0
+    assert torch.isfinite(head.weight.grad).all() and head.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("cls", HEAD_CLASSES)

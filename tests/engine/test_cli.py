@@ -67,24 +67,35 @@ def _validation_logits(model_dir):
     return model, head, stored, logits, labels
 
 
+def data_val(model):
+    """The validation split of the digits, preprocessed as the saved model says."""
+    from dismax_plugin.adapters import timm as dtimm
+    from dismax_plugin.adapters.engine.data import build_data
+
+    preprocessing = model.dismax_metadata["metadata"]["preprocessing"]
+    assert dtimm.get_head(model) is not None
+    return build_data("digits", preprocessing, seed=0).val
+
+
 def test_saved_model_is_calibrated_and_flags_ood(trained_run):
     import dismax_plugin as dp
+    from dismax_plugin.adapters.engine.training import collect_logits
 
     out, _ = trained_run
     model, head, stored, logits, labels = _validation_logits(out / "model")
     # the stored temperature is the ECE optimum on the validation split (the default --calibration)
     assert stored == pytest.approx(dp.calibrate_temperature(logits, labels, objective="ece"), rel=1e-6)
     head.set_temperature(stored)
-    assert head.stored_score == type(head).default_score
-    # thresholds: quantiles of the head's OOD score of the calibrated validation logits, as stored
-    expected = dp.compute_thresholds(head.ood_score(logits / stored))
-    assert head.stored_thresholds.keys() == expected.keys() == {0.9, 0.95, 0.99}
-    for tpr, value in expected.items():
-        assert head.stored_thresholds[tpr] == pytest.approx(value, rel=1e-5, abs=1e-6)
-    # at 95% TPR the validation split itself is flagged about 5% of the time (108 images: at most 6 + ties)
-    flags = head.is_ood(logits / stored, tpr=0.95)
-    assert flags.dtype == torch.bool and flags.shape == labels.shape
-    assert 1 <= int(flags.sum()) <= 8
+    assert head.score == type(head).default_score and head.calibration_size == labels.numel()
+    # calibration scores: every native score of the deployed (calibrated) validation logits, sorted
+    deployed, _ = collect_logits(model, data_val(model))
+    for name in dp.SCORE_NAMES:
+        assert torch.equal(head.stored_scores(name), head.ood_score(deployed, name).sort().values)
+    # on the deployed path exactly floor(N (1 - tpr)) validation images are flagged (distinct scores)
+    for tpr in (0.9, 0.95, 0.99):
+        flags = head.is_ood(deployed, tpr=tpr)
+        assert flags.dtype == torch.bool and flags.shape == labels.shape
+        assert int(flags.sum()) == dp.flagged_count(labels.numel(), tpr)
 
 
 def test_evaluate_and_calibrate_commands(trained_run, capsys):
@@ -101,7 +112,7 @@ def test_evaluate_and_calibrate_commands(trained_run, capsys):
     ece = dp.calibrate_temperature(logits, labels, objective="ece")
     assert stored == pytest.approx(nll, rel=1e-6)  # the NLL optimum was written back ...
     assert abs(nll - ece) > 1e-3 * ece  # ... and it is not the ECE one the run stored
-    assert head.stored_score == type(head).default_score
+    assert head.score == type(head).default_score and head.calibration_size == labels.numel()
 
 
 @pytest.mark.parametrize(

@@ -168,8 +168,8 @@ def test_no_fpr_smoothing_with_alpha_0_trains_on_a_real_loss():
     targets, _, logits = _fpr_batch()
     y = targets.argmax(dim=1)
     loss = _setup.build_loss(TrainConfig(head="dismax", fpr=False, alpha=0.0, smoothing=0.1))
-    value = loss(logits, y, None)
-    expected = F.cross_entropy(10 * logits, y, label_smoothing=0.1)  # entropic scale 10 on every (clean) row
+    value = loss(logits, y, None)  # logits: a head's training output, already times the entropic scale
+    expected = F.cross_entropy(logits, y, label_smoothing=0.1)  # nothing scaled again, every (clean) row smoothed
     assert float(value) == pytest.approx(float(expected), rel=1e-5)
 
 

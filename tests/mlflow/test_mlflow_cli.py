@@ -73,7 +73,7 @@ def _local_predictions(model_dir, images):
     return {
         "class": predicted.tolist(),
         "probability": probability.tolist(),
-        "ood_score": head.ood_score(logits, head.stored_score).tolist(),
+        "ood_score": head.ood_score(logits, head.score).tolist(),
         "is_ood": head.is_ood(logits, 0.95).tolist(),
         "temperature": float(head.temperature),
     }

@@ -63,7 +63,8 @@ def _train(tracker, epochs=2, seed=0, after_epoch=None):
     head.set_temperature(0.5)  # calibrated logits differ from the temperature-1 logits the OOD score uses
     with torch.no_grad():
         logits = model(x)
-    head.set_thresholds(dp.compute_thresholds(head.ood_score(logits, "mmles")), "mmles")
+    head.set_score("mmles")
+    head.calibrate_scores(logits)
     return model, x, y, logits, history
 
 
@@ -452,12 +453,14 @@ def test_pyfunc_model_of_a_linear_head_uses_the_saved_calibration(tmp_path):
     model = dtimm.create_model("test_resnet", head="linear", num_classes=3).eval()
     images = np.random.default_rng(2).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     with torch.no_grad():
-        logits = model(preprocess_images(images, PREP)).double() / 2.0  # temperature 2
-    deployed = dp.scores.ood_score(logits, 2.0, "mps")  # the score at temperature 1
+        raw = model(preprocess_images(images, PREP))  # a linear model keeps its temperature (2) outside
+    logits = raw.double() / 2.0
+    deployed = dp.ood_score(raw, 1.0, "mps")  # the score at temperature 1, as calibration takes it
     assert not torch.allclose(deployed, dp.score(logits, "mps"))
     ranked = deployed.sort().values  # a threshold between two scores: no sample sits on it
     threshold = float((ranked[len(ranked) // 2 - 1] + ranked[len(ranked) // 2]) / 2)
-    metadata = {"preprocessing": PREP, "score": "mps", "temperature": 2.0, "thresholds": {"0.95": threshold}}
+    calibration = {"temperature": 2.0, "score": "mps", "size": 20, "scores": {"mps": [threshold] * 20}}
+    metadata = {"preprocessing": PREP, "calibration": calibration}
     dtimm.save_model(model, tmp_path / "linear", metadata=metadata)
 
     pyfunc = DisMaxPyfuncModel()

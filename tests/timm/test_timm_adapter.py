@@ -67,10 +67,10 @@ def test_protocol_after_conversion(x):
 def test_reset_classifier_keeps_the_kind(x):
     model = dtimm.create_model("test_resnet", head="isomaxplus", num_classes=4)
     old = model.fc
-    model.get_classifier().set_thresholds({0.95: -1.0})
+    model.get_classifier().calibrate_scores(torch.randn(5, 4))
     model.reset_classifier(7)
     assert isinstance(model.fc, IsoMaxPlusHead) and model.fc is not old
-    assert model.num_classes == 7 and model.fc.num_classes == 7 and model.fc.stored_score is None
+    assert model.num_classes == 7 and model.fc.num_classes == 7 and model.fc.calibration_size == 0
     assert model(x).shape == (2, 7)
     model.reset_classifier(0)  # timm: no classifier, features out
     assert isinstance(model.fc, nn.Identity) and model(x).shape == (2, model.num_features)
@@ -102,9 +102,9 @@ def test_num_classes_zero_is_timms_feature_model(kind, x):
 def test_convert_timm_model_kinds(x):
     model = timm.create_model("test_resnet", num_classes=3)
     assert dtimm.convert_timm_model(model, "isomaxplus") is model
-    prototypes = model.fc.prototypes
+    prototypes = model.fc.weight
     dtimm.convert_timm_model(model, "isomaxplus")  # same kind: no-op
-    assert model.fc.prototypes is prototypes
+    assert model.fc.weight is prototypes
     dtimm.convert_timm_model(model, "dismax")  # another kind: fresh head
     assert type(model.fc) is DisMaxHead and model.fc.num_classes == 3
     dtimm.convert_timm_model(model, "linear")
@@ -116,10 +116,10 @@ def test_convert_timm_model_kinds(x):
 def test_convert_follows_device_and_dtype():
     model = timm.create_model("test_resnet", num_classes=3).to(torch.float64)
     dtimm.convert_timm_model(model, "dismax")
-    assert model.fc.prototypes.dtype == torch.float64
+    assert model.fc.weight.dtype == torch.float64
     assert model(torch.randn(2, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64
     meta = dtimm.create_model("resnet18", head="isomax", num_classes=3, device="meta")
-    assert meta.fc.prototypes.is_meta
+    assert meta.fc.weight.is_meta
 
 
 def test_conv2d_head_matches_the_flat_head():
@@ -164,7 +164,7 @@ def test_timm_training_utilities_accept_the_head():
     model = dtimm.create_model("test_resnet", head="dismax", num_classes=3)
     optimizer = timm.optim.create_optimizer_v2(model, "sgd", lr=0.1, weight_decay=1e-4)
     decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
-    assert id(model.fc.prototypes) in decayed and id(model.fc.distance_scale) not in decayed
+    assert id(model.fc.weight) in decayed and id(model.fc.distance_scale) not in decayed
 
 
 # --------------------------------------------------------------------------- bad input
@@ -245,7 +245,7 @@ def test_compiled_training_step_matches_eager(x):
         assert param.grad is not None and reference.grad is not None, name
         scale = reference.grad.abs().max()
         assert torch.allclose(param.grad, reference.grad, rtol=1e-3, atol=1e-4 * scale), name
-    assert model.fc.prototypes.grad.abs().sum() > 0
+    assert model.fc.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.slow
@@ -254,6 +254,6 @@ def test_compile_inductor_cpu(x):
     compiled = torch.compile(model)
     out = compiled(x)
     F.cross_entropy(10 * out, torch.tensor([0, 2])).backward()
-    assert model.fc.prototypes.grad.abs().sum() > 0
+    assert model.fc.weight.grad.abs().sum() > 0
     model.eval()
     assert torch.allclose(compiled(x), model(x), atol=1e-4)

@@ -4,7 +4,8 @@ architecture does (the checks of timm's tests/test_models.py, rewritten here at 
 Each check runs on the stock model too: with the stock backbone weights copied into the isotropic variant,
 features, pre-logits, intermediates and the feature model (``num_classes=0`` / ``reset_classifier(0)``) must
 equal the stock model's; the logits have the stock shapes. Departure from timm's suite, by design: the
-classifier path holds ``<path>.prototypes`` (a head has prototypes, not a ``weight``).
+classifier path holds ``<path>.weight`` (the head's prototypes, named as ``nn.Linear.weight``, as timm's
+``test_model_default_cfgs`` asserts).
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def test_forward_features_and_feature_model(arch, kwargs, size, kind):
         assert all(isinstance(h, PrototypeHead) and h.kind == kind for h in _heads(model))
         state = model.state_dict()
         assert all(
-            f"{p}.prototypes" in state for p in dtimm.classifier_paths(model) if p + ".weight" in stock.state_dict()
+            f"{p}.weight" in state for p in dtimm.classifier_paths(model) if p + ".weight" in stock.state_dict()
         )
         first = model.pretrained_cfg["first_conv"]
         assert all(f"{c}.weight" in state for c in ((first,) if isinstance(first, str) else first))

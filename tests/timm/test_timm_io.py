@@ -45,7 +45,8 @@ def test_save_load_round_trip(kind, tmp_path, x):
     model = dtimm.create_model("test_vit", head=kind, num_classes=4, img_size=32).eval()
     if kind != "linear":
         model.head.set_temperature(0.8)
-        model.head.set_thresholds({0.95: -1.5, 0.99: -2.5, 0.9: -1.0})
+        model.head.calibrate_scores(torch.randn(9, 4, generator=torch.Generator().manual_seed(0)))
+        model.head.set_score("es")
     assert _data_config(model) != _expected_data_config()  # timm's defaults differ from the training ones
     metadata = {"preprocessing": PREP, "class_names": list("abcd"), "score": "mds"}
     directory = dtimm.save_model(model, tmp_path / "new" / "dir", metadata=metadata)
@@ -59,8 +60,8 @@ def test_save_load_round_trip(kind, tmp_path, x):
     assert info["metadata"] == metadata and info["head"] == kind and info["num_classes"] == 4
     assert info["architecture"] == "test_vit" and info["model_args"]["img_size"] == [32, 32]
     if kind != "linear":
-        assert info["temperature"] == pytest.approx(0.8) and info["threshold_score"] == model.head.default_score
-        assert info["thresholds"] == {"0.95": -1.5, "0.99": -2.5, "0.9": -1.0}
+        assert info["temperature"] == pytest.approx(0.8) and info["score"] == "es"
+        assert info["calibration_size"] == 9 and info["head_options"] == {"entropic_scale": 10.0}
 
     loaded = dtimm.load_model(directory, device=torch.device("cpu"))
     assert not loaded.training and loaded.dismax_metadata == info
@@ -68,8 +69,8 @@ def test_save_load_round_trip(kind, tmp_path, x):
     assert torch.equal(loaded(x), model(x))
     assert _data_config(loaded) == _expected_data_config()
     if kind != "linear":
-        assert loaded.head.stored_thresholds == model.head.stored_thresholds
-        assert float(loaded.head.temperature) == pytest.approx(0.8)
+        assert torch.equal(loaded.head.calibration_scores, model.head.calibration_scores)
+        assert float(loaded.head.temperature) == pytest.approx(0.8) and loaded.head.score == "es"
     assert dtimm.read_metadata(directory / dtimm.CONFIG_NAME) == info  # the file itself is accepted too
 
 
@@ -120,10 +121,14 @@ def test_first_format_folders_still_load(tmp_path, x):
     """A folder as the first release wrote it (dismax_model.json, no config.json) loads as before."""
     model = dtimm.create_model("test_resnet", head="isomaxplus", num_classes=3).eval()
     model.fc.set_temperature(0.7)
-    model.fc.set_thresholds({0.95: -0.4})
     folder = tmp_path / "old"
     folder.mkdir()
-    safetensors.torch.save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    old_state = {("fc.prototypes" if k == "fc.weight" else k): v for k, v in model.state_dict().items()
+                 if k not in ("fc.calibration_scores", "fc.score_index")}  # fmt: skip
+    old_state.update({"fc.thresholds": torch.tensor([-0.4], dtype=torch.float64),
+                      "fc.threshold_tprs": torch.tensor([0.95], dtype=torch.float64),
+                      "fc.threshold_score": torch.tensor(0)})  # fmt: skip
+    safetensors.torch.save_file(old_state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     legacy = {
         "format": "dismax-plugin/timm",
         "format_version": 1,
@@ -132,7 +137,7 @@ def test_first_format_folders_still_load(tmp_path, x):
         "head": "isomaxplus",
         "num_classes": 3,
         "temperature": 0.7,
-        "threshold_score": model.fc.stored_score,
+        "threshold_score": "mps",
         "thresholds": {"0.95": -0.4},
         "data_config": {"input_size": [3, 160, 160]},
         "versions": {"dismax_plugin": "0.1.0"},
@@ -140,9 +145,10 @@ def test_first_format_folders_still_load(tmp_path, x):
     }
     (folder / "dismax_model.json").write_text(json.dumps(legacy))
     assert dtimm.read_metadata(folder) == legacy
-    loaded = dtimm.load_model(folder)
+    with pytest.warns(UserWarning, match="calibrate the model again"):  # its thresholds: the earlier format
+        loaded = dtimm.load_model(folder)
     assert torch.equal(loaded(x), model(x)) and loaded.dismax_metadata["metadata"] == legacy["metadata"]
-    assert loaded.fc.stored_thresholds == {0.95: -0.4} and float(loaded.fc.temperature) == pytest.approx(0.7)
+    assert loaded.fc.calibration_size == 0 and float(loaded.fc.temperature) == pytest.approx(0.7)
     dtimm.save_model(loaded, folder, metadata=legacy["metadata"])  # re-saved in place: the new format wins
     assert dtimm.read_metadata(folder)["format_version"] == 2
     assert torch.equal(dtimm.load_model(folder)(x), model(x))

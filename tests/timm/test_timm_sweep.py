@@ -2,7 +2,7 @@
 
 For each: create with an isotropic head, train-mode forward, one backward + SGD step that moves the
 prototypes, ``forward_head(pre_logits=True)``, ``reset_classifier``, and a save/load round trip that gives the
-same logits (temperature and thresholds included). The slow test scans every timm architecture on the meta
+same logits (temperature and calibration scores included). The slow test scans every timm architecture on the meta
 device and pins the list of the ones that cannot be converted.
 """
 
@@ -112,14 +112,14 @@ def test_architecture(arch, kwargs, size, kind, tmp_path):
     logits = _logits(model(x))
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
     DisMaxLoss()(logits, torch.tensor([0, 2])).backward()
-    before = [h.prototypes.detach().clone() for h in heads]
+    before = [h.weight.detach().clone() for h in heads]
     for h in heads:
-        assert h.prototypes.grad is not None and torch.isfinite(h.prototypes.grad).all()
-        assert h.prototypes.grad.abs().sum() > 0
+        assert h.weight.grad is not None and torch.isfinite(h.weight.grad).all()
+        assert h.weight.grad.abs().sum() > 0
     # step the heads only: some backbones (efficientvim, dpn, ghostnet) give NaN in eval after one SGD step
     # of their own at batch 2, with the stock Linear head too
     torch.optim.SGD([p for h in heads for p in h.parameters()], lr=0.1).step()
-    assert all(not torch.equal(b, h.prototypes) for b, h in zip(before, heads))
+    assert all(not torch.equal(b, h.weight) for b, h in zip(before, heads))
 
     model.eval()
     with torch.no_grad():
@@ -140,7 +140,7 @@ def test_architecture(arch, kwargs, size, kind, tmp_path):
 
     head = dtimm.get_head(model)
     head.set_temperature(1.5)
-    head.set_thresholds({0.95: -0.7, 0.9: -0.3})
+    head.calibrate_scores(torch.randn(6, head.num_classes, generator=torch.Generator().manual_seed(0)))
     with torch.no_grad():
         expected = model(x)
     dtimm.save_model(model, tmp_path / "m")
@@ -150,7 +150,7 @@ def test_architecture(arch, kwargs, size, kind, tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded(x), expected, atol=1e-5, rtol=1e-5)
     assert float(dtimm.get_head(loaded).temperature) == 1.5
-    assert dtimm.get_head(loaded).stored_thresholds == {0.95: -0.7, 0.9: -0.3}
+    assert torch.equal(dtimm.get_head(loaded).calibration_scores, head.calibration_scores)
 
 
 def test_sweep_is_diverse():

@@ -43,7 +43,7 @@ def test_checkpoint_path_stock_and_converted(ce_weights, tmp_path, x, same_backb
     assert torch.equal(linear.fc.weight, state["fc.weight"])  # the stock classifier fits: kept
 
     trained = dtimm.create_model("test_resnet", head="dismax", num_classes=5)
-    trained.fc.set_thresholds({0.95: -0.5})
+    trained.fc.calibrate_scores(torch.randn(4, 5, generator=torch.Generator().manual_seed(0)))
     torch.save({"state_dict": trained.state_dict(), "epoch": 3}, tmp_path / "trained.pth.tar")
     for kwargs in (
         dict(checkpoint_path=tmp_path / "trained.pth.tar"),
@@ -51,7 +51,7 @@ def test_checkpoint_path_stock_and_converted(ce_weights, tmp_path, x, same_backb
     ):
         resumed = dtimm.create_model("test_resnet", head="dismax", num_classes=5, **kwargs).eval()
         assert torch.equal(resumed(x), trained.eval()(x))
-        assert resumed.fc.stored_thresholds == {0.95: -0.5}
+        assert torch.equal(resumed.fc.calibration_scores, trained.fc.calibration_scores)
     with pytest.raises(ValueError, match="do not fit"):
         dtimm.create_model("test_resnet", head="isomax", num_classes=5, checkpoint_path=tmp_path / "trained.pth.tar")
 
