@@ -22,7 +22,8 @@ import dismax_plugin as dp
 
 from .config import LOGITNORM_TEMPERATURE, ConfigError, TrainConfig
 
-__all__ = ["BatchTransform", "build_loss", "build_model", "build_optimizer", "build_scheduler", "check_architecture"]
+__all__ = ["BatchTransform", "build_loss", "build_model", "build_optimizer", "build_scheduler", "check_architecture",
+           "fpr_stream_seed"]  # fmt: skip
 
 Loss = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -97,7 +98,8 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_pe
 
     timm's step decay points (every 90 epochs; at 90, 180, 270) are for ImageNet-length runs; here they
     scale with the run: ``step`` multiplies the lr by 0.1 every third of the epochs, ``multistep`` at half
-    and three quarters of them.
+    and three quarters of them. A run resumed with another ``--epochs`` is re-planned: its remaining epochs
+    get the lr of a run planned for the new length from the start (:func:`._checkpoint.restore`).
     """
     if cfg.scheduler == "none":
         return None
@@ -117,16 +119,29 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_pe
     return scheduler
 
 
+def fpr_stream_seed(seed: int, rank: int, epoch: int, step: int) -> int:
+    """Seed of the FPR stitching of batch ``step`` of ``epoch`` on ``rank``: a hash of the four numbers, so that
+    every rank stitches its own pattern and a resumed run draws exactly what the uninterrupted one did."""
+    import numpy as np
+
+    words = np.random.SeedSequence([_FPR_STREAM, seed, rank, epoch, step]).generate_state(2, np.uint32)
+    return int(words[0]) << 31 | int(words[1]) >> 1  # 62 bits: a valid torch seed
+
+
+_FPR_STREAM = 0x0F9D  # tells the FPR streams apart from any other stream derived from the same numbers
+
+
 class BatchTransform:
-    """``(x, y) -> (inputs, targets, stitched)``: FPR stitching, timm Mixup/CutMix, or nothing.
+    """``(x, y, epoch, step) -> (inputs, targets, stitched)``: FPR stitching, timm Mixup/CutMix, or nothing.
 
     ``stitched`` is a bool mask [B] of the FPR-stitched rows (``None`` without FPR); rows that are not
-    stitched have a class (targets may still be soft under Mixup).
+    stitched have a class (targets may still be soft under Mixup). FPR draws from a generator seeded per
+    batch with :func:`fpr_stream_seed` ``(seed, rank, epoch, step)``.
     """
 
-    def __init__(self, cfg: TrainConfig, num_classes: int):
-        self.num_classes, self.fpr = num_classes, cfg.uses_fpr
-        self.generator = torch.Generator().manual_seed(cfg.seed + 1)
+    def __init__(self, cfg: TrainConfig, num_classes: int, rank: int = 0):
+        self.num_classes, self.fpr, self.seed, self.rank = num_classes, cfg.uses_fpr, cfg.seed, rank
+        self.generator = torch.Generator()
         self.mixup = None
         if cfg.mixup or cfg.cutmix:
             from timm.data import Mixup
@@ -134,8 +149,9 @@ class BatchTransform:
             self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=0.0,
                                num_classes=num_classes)  # fmt: skip
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor):
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, epoch: int = 0, step: int = 0):
         if self.fpr:
+            self.generator.manual_seed(fpr_stream_seed(self.seed, self.rank, epoch, step))
             return dp.fpr_mix(x, y, self.num_classes, generator=self.generator)
         if self.mixup is not None and x.shape[0] % 2 == 0:
             inputs, targets = self.mixup(x, y)

@@ -10,7 +10,8 @@ import os
 from . import _report as report
 from ._calibration import calibrate_model, calibration_metadata
 from ._checkpoint import CHECKPOINT
-from .config import CompareOptions, TrainConfig, parse_list, train_config
+from ._distributed import is_main_process, resolve_device
+from .config import CompareOptions, ConfigError, TrainConfig, parse_list, train_config
 from .tracking import Tracker, make_tracker, tracked
 from .training import train
 
@@ -19,10 +20,6 @@ __all__ = ["COMMANDS", "evaluate_model", "run_command"]
 log = logging.getLogger("dismax_plugin.adapters.engine.cli")
 
 evaluate_model = report.evaluate_model
-
-
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 # --------------------------------------------------------------------------- commands
@@ -38,7 +35,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _train_and_report(cfg: TrainConfig, tracker: Tracker, detectors: list[str], quiet: bool = False):
     """Train, evaluate (native scores, or ``detectors`` for a linear head) and log; returns (result, rows)."""
     result = train(cfg, tracker)
-    if not _is_main_process():
+    if not is_main_process():
         return result, []
     device = next(result.model.parameters()).device
     evaluation = report.evaluate_model(result.model, result.data, name=cfg.head, batch_size=cfg.eval_batch_size,
@@ -63,9 +60,35 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         return run_compare(argparse.Namespace(**(vars(args) | {"output": cfg.output})), tracker)
 
 
+def _saved_model(args: argparse.Namespace):
+    """``report.load_for_eval`` of the run's current model (a stale or missing one is refused, see
+    :func:`._checkpoint.current_model_dir`) on ``--device`` as every command resolves it, with the input size
+    and channels the model was saved with: ``--image-size``/``--channels`` only for a model saved without
+    them, else a :class:`ConfigError`."""
+    from .. import timm as dtimm
+    from ._checkpoint import current_model_dir
+
+    path = current_model_dir(args.checkpoint)
+    try:
+        stored = (dtimm.read_metadata(path).get("metadata") or {}).get("preprocessing")
+    except (FileNotFoundError, ValueError, OSError) as error:
+        raise ConfigError(f"--checkpoint: {error}") from error
+    shape = {"image_size": TrainConfig.image_size, "channels": TrainConfig.channels}
+    if stored:
+        channels, size = stored["input_size"][0], stored["input_size"][1]
+        for name, saved in (("image_size", size), ("channels", channels)):
+            given = getattr(args, name, None)
+            if given is not None and given != saved:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} {given}: the model in '{path}' was saved for {flag} {saved}; drop {flag}.")
+    shape.update({k: getattr(args, k) for k in shape if getattr(args, k, None) is not None})
+    device = str(resolve_device(args.device))  # the one device rule of every command (cuda when available)
+    return report.load_for_eval(argparse.Namespace(**(vars(args) | shape | {"checkpoint": path, "device": device})))
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     detectors = report.detector_names(args.detectors)
-    model, data, path = report.load_for_eval(args)
+    model, data, path = _saved_model(args)
     tracker = make_tracker(args, os.path.dirname(os.path.abspath(path)))
     tags = {"command": "evaluate", "checkpoint": path}
     with tracked(tracker, args.run_name or f"evaluate-{os.path.basename(os.path.normpath(args.data))}", tags):
@@ -83,7 +106,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .. import timm as dtimm
 
-    model, data, path = report.load_for_eval(args)
+    model, data, path = _saved_model(args)
     device = next(model.parameters()).device
     loader = {"batch_size": args.eval_batch_size, "device": device, "workers": args.workers}
     result = calibrate_model(model, data.val, args.calibration, **loader)

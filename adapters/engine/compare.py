@@ -36,6 +36,8 @@ from ..pytorch_ood import (
     report_markdown,
     summarize,
 )
+from ._checkpoint import CHECKPOINT
+from ._distributed import is_main_process
 from .config import COMPARE_HEADS, TWINS, parse_list, train_config
 from .tracking import Tracker
 from .training import ConfigError, train
@@ -46,6 +48,8 @@ log = logging.getLogger("dismax_plugin.adapters.engine.compare")
 
 #: the twins: a linear head trained with each loss
 _TWIN_LOSSES = {"ce": "cross_entropy", "logitnorm": "logitnorm"}
+#: what a comparison writes into --output besides the per-model run folders and histogram_*.png
+_REPORT_FILES = ("results.csv", "results.json", "report.md", "near_far_auroc.png")
 
 
 def _models(args: argparse.Namespace) -> list[tuple[str, dict]]:
@@ -69,9 +73,13 @@ def _options(args: argparse.Namespace) -> tuple[list[int], list[str]]:
 
 
 def _train_seed(args, models, seed: int, tracker: Tracker) -> tuple[dict, object]:
+    """Train (or, with ``--resume``, continue) every model of ``seed``; a model without a checkpoint yet starts
+    fresh, a finished one is only re-calibrated."""
     trained, data = {}, None
     for name, overrides in models:
-        cfg = train_config(args, **overrides, seed=seed, output=os.path.join(args.output, f"seed{seed}", name))
+        output = _model_output(args, seed, name)
+        resume = bool(getattr(args, "resume", False)) and os.path.isfile(os.path.join(output, CHECKPOINT))
+        cfg = train_config(args, **overrides, seed=seed, output=output, resume=resume)
         with tracker.child(f"{name}-seed{seed}") as child:
             start = time.perf_counter()
             result = train(cfg, child)
@@ -94,6 +102,22 @@ def _check_stored_splits(args, trained: dict, data, seed: int) -> None:
                 check_split(stored, data.split)
             except ValueError as error:
                 raise ConfigError(f"--data '{args.data}': {name}, seed {seed}: {error}") from error
+
+
+def _model_output(args, seed: int, name: str) -> str:
+    return os.path.join(args.output, f"seed{seed}", name)
+
+
+def _prepare(args, models, seeds: list[int]) -> None:
+    """``--resume`` needs a checkpoint of at least one model; ``--overwrite`` removes the previous report files."""
+    if getattr(args, "resume", False) and not any(
+        os.path.isfile(os.path.join(_model_output(args, s, n), CHECKPOINT)) for s in seeds for n, _ in models
+    ):
+        raise ConfigError(f"--resume: no checkpoint under '{args.output}' (seed<N>/<model>/{CHECKPOINT}).")
+    if getattr(args, "overwrite", False) and is_main_process() and os.path.isdir(args.output):
+        for entry in os.listdir(args.output):
+            if entry in _REPORT_FILES or (entry.startswith("histogram_") and entry.endswith(".png")):
+                os.remove(os.path.join(args.output, entry))
 
 
 def _evaluate_seed(trained: dict, data, seed: int, args, detectors: list[str], keep: dict, skipped: list):
@@ -214,6 +238,11 @@ def run_compare(args: argparse.Namespace, tracker: Tracker) -> int:
     """
     models = _models(args)
     seeds, detectors = _options(args)
+    _prepare(args, models, seeds)
+    if not is_main_process():  # under torchrun: train with the others; rank 0 evaluates, writes and reports
+        for seed in seeds:
+            _train_seed(args, models, seed, tracker)
+        return 0
     os.makedirs(args.output, exist_ok=True)
     rows, keep, skipped, data, splits = [], {}, [], None, {}
     start = time.perf_counter()

@@ -33,6 +33,7 @@ __all__ = [
     "HEAD_CHOICES",
     "LOGITNORM_TEMPERATURE",
     "LOSS_CHOICES",
+    "RESUME_MAY_CHANGE",
     "SCHEDULERS",
     "TWINS",
     "TrackingOptions",
@@ -57,6 +58,13 @@ LOGITNORM_TEMPERATURE = 0.04
 SCHEDULERS: tuple[str, ...] = ("cosine", "step", "multistep", "poly", "constant", "none")
 CALIBRATION_OBJECTIVES: tuple[str, ...] = _calibration.OBJECTIVES
 COMPARE_HEADS: tuple[str, ...] = tuple(dp.HEADS)
+#: the :class:`TrainConfig` options a resumed run may change: how long it trains (a longer ``epochs`` re-plans
+#: the lr schedule, see :func:`._setup.build_scheduler`), where it runs, how it reads its data and how fast it
+#: evaluates, and the folder flags. Every other option changes the run: ``--resume`` with another value is
+#: refused (:func:`._checkpoint.load_checkpoint`). Tracking and output options are not part of the run at all.
+RESUME_MAY_CHANGE: tuple[str, ...] = (
+    "epochs", "workers", "device", "eval_batch_size", "data_root", "output", "resume", "overwrite",
+)  # fmt: skip
 TWINS: tuple[str, ...] = ("ce", "logitnorm")
 
 

@@ -87,12 +87,14 @@ def make_tracker(args: argparse.Namespace, fallback_dir: str) -> Tracker:
 @contextlib.contextmanager
 def tracked(tracker: Tracker, run_name: str | None, tags: Mapping[str, str]) -> Iterator[Tracker]:
     """Start the run and end it with the outcome: ``FINISHED``, ``FAILED`` (an exception) or ``KILLED``
-    (Ctrl-C, SIGTERM: the engine's ``Interrupted``).
+    (Ctrl-C, SIGTERM in any phase: the engine's ``Interrupted``; a second signal too). Ending sends what the
+    tracker queued, or writes it to its local fallback. A signal while the finished run is being ended lets
+    it end (``FINISHED``: the command's work is done).
 
     :raises ConfigError: (the engine's usage error, exit code 2) when the run cannot start, e.g. an
         unreachable tracking URI; the message starts with ``--tracking-uri:``.
     """
-    from ._signals import Interrupted
+    from ._signals import Interrupted, deferred
     from .config import ConfigError
 
     try:
@@ -107,4 +109,5 @@ def tracked(tracker: Tracker, run_name: str | None, tags: Mapping[str, str]) -> 
     except BaseException:
         tracker.end("FAILED")
         raise
-    tracker.end("FINISHED")
+    with deferred(raise_after=False):
+        tracker.end("FINISHED")

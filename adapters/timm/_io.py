@@ -86,14 +86,23 @@ def _dismax_block(model: nn.Module, metadata: Mapping[str, Any]) -> dict[str, An
 
 @contextlib.contextmanager
 def _temporary(directory: Path, name: str):
-    """A temporary file name next to ``directory / name``, renamed onto it when the block succeeds."""
-    tmp = str(directory / f".{name}.{uuid.uuid4().hex}.tmp")  # created by the writer, with the usual permissions
+    """A temporary file name next to ``directory / name``, renamed onto it when the block succeeds, with the
+    permissions of a file the user creates (``0o666`` less the umask: safetensors' writer makes it ``0o600``)."""
+    tmp = str(directory / f".{name}.{uuid.uuid4().hex}.tmp")
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, directory / name)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> Path:
