@@ -10,6 +10,7 @@ finds it by name once the package is installed::
 (``model_type="ood"``: MLflow 3 refuses ``model_type=None`` without ``extra_metrics``.) Any pyfunc model whose
 output has an ``ood_score`` column (larger = more in-distribution, as the dismax models) can be evaluated;
 ``score`` and ``tpr`` are passed as serve-time params, so the model must declare them in its signature.
+Scores computed elsewhere work too: ``evaluate(data=df, predictions="ood_score", model_type="ood", ...)``.
 
 **Data** (a DataFrame, one image per row): ``image`` (a raw image as the model takes it, or a file path),
 ``ood`` (bool: an OOD row), ``dataset`` (the set's name), optionally ``group`` (``near``/``far``, for OOD
@@ -78,8 +79,8 @@ class DisMaxOODEvaluator(ModelEvaluator):
             ``evaluator_config`` or a model output without ``ood_score``.
         """
         config = _check_config(evaluator_config)
-        table = _check_table(dataset.features_data)
-        output = _predictions(model, dataset, table["image"], config)
+        table = _check_table(dataset.features_data, images=model is not None)
+        output = _predictions(model, dataset, table, config)
         metrics, rows = _metrics(table, output)
         metrics = {key: float(value) for key, value in metrics.items() if not math.isnan(value)}
         _log_metrics(run_id, metrics, kwargs.get("model_id"), dataset)
@@ -127,9 +128,11 @@ def _names(values) -> np.ndarray:
     return np.asarray([None if _missing(v) else str(v) for v in values], dtype=object)
 
 
-def _check_table(frame) -> dict:
-    """The evaluation data as arrays: ``image`` (objects), ``ood`` (bool), ``dataset``, ``group``, ``label``."""
-    images, ood, sets = _column(frame, "image"), _column(frame, "ood"), _column(frame, "dataset")
+def _check_table(frame, images: bool = True) -> dict:
+    """The evaluation data as arrays: ``image`` (objects; needed with a model), ``ood`` (bool), ``dataset``,
+    ``group``, ``label``."""
+    images = _column(frame, "image", required=images)
+    ood, sets = _column(frame, "ood"), _column(frame, "dataset")
     values = ood.tolist()
     if not all(isinstance(v, (bool, np.bool_)) or v in (0, 1) for v in values):
         raise _invalid(f"column 'ood' must be bools (True = an OOD row); got values such as {values[:3]}.")
@@ -150,7 +153,7 @@ def _check_table(frame) -> dict:
     if clash:
         raise _invalid(f"OOD sets {clash} have the name of a group; rename them (metric names would collide).")
     labels = _column(frame, "label", required=False)
-    return {"image": images.tolist(), "ood": ood, "dataset": sets, "group": groups,
+    return {"image": None if images is None else images.tolist(), "ood": ood, "dataset": sets, "group": groups,
             "label": None if labels is None else labels.tolist()}  # fmt: skip
 
 
@@ -178,10 +181,11 @@ def _batch(images: list[np.ndarray]):
     return images
 
 
-def _predictions(model, dataset, images: list, config: dict):
+def _predictions(model, dataset, table: dict, config: dict):
     """The model's output frame (one row per data row, with a finite ``ood_score``)."""
     import pandas as pd
 
+    images, rows = table["image"], len(table["ood"])
     if model is None:
         if dataset.predictions_data is None:
             raise _invalid("needs a model, or data whose predictions column (predictions=...) is the ood_score.")
@@ -198,8 +202,8 @@ def _predictions(model, dataset, images: list, config: dict):
             batch = _batch([_load_image(v) for v in images[start : start + size]])
             chunks.append(_as_frame(model.predict(batch, params=params or None)))
         output = pd.concat(chunks, ignore_index=True)
-    if len(output) != len(images):
-        raise _invalid(f"the model returned {len(output)} rows for {len(images)} images.")
+    if len(output) != rows:
+        raise _invalid(f"the model returned {len(output)} rows for {rows} images.")
     scores = pd.to_numeric(output["ood_score"], errors="coerce").to_numpy(dtype=np.float64)
     if not np.isfinite(scores).all():
         raise _invalid("the model's ood_score must be finite numbers; got NaN, inf or non-numbers.")

@@ -1,5 +1,7 @@
 """The logged models: the ``pytorch`` flavour (``pt2`` via ``torch.export``, pickle only where export fails)
-and the served pyfunc model (models-from-code, ``_served_model.py``). Neither needs pickle to load.
+and the served pyfunc model (models-from-code, ``_served_model.py``; its signature declares the serve-time
+params ``tpr`` and ``score``). Neither needs pickle to load. The pyfunc model is registered under the
+connection's ``register_model`` name, with its registry ``aliases`` pointed at the new version.
 
 Both carry the ``dismax_plugin`` package in ``code_paths`` (:func:`stage_code_package`) and pinned
 :func:`pip_requirements`. The run tag ``dismax.pytorch_model.serialization`` says which format the
@@ -164,4 +166,6 @@ def _log_pyfunc(target, run_id: str, model_dir: str, raw, registry: tuple[str | 
     if register_model and version is not None:
         for alias in aliases:  # MLflow moves an alias that named an older version onto this one
             target.client.set_registered_model_alias(register_model, alias, str(version))
+            log.info("Set alias '%s' of model '%s' to version %s (models:/%s@%s).", alias, register_model, version,
+                     register_model, alias)  # fmt: skip
     return {"model_uri": info.model_uri, "registered_model_version": version, "aliases": list(aliases)}

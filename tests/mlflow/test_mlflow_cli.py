@@ -308,16 +308,21 @@ mlflow.models.set_model(Inverted())
 """
 
 
-def _evaluation_data():
-    """ID digits 0-5 (labelled), near OOD digits 6-9, far OOD uniform noise: the evaluator's table."""
+def _evaluation_data(folder):
+    """ID digits 0-5 (labelled), near OOD digits 6-9, far OOD uniform noise (as PNG files): the evaluator's
+    table, and all its images as one array."""
     import pandas as pd
+    from PIL import Image
     from sklearn.datasets import load_digits
 
     labels = load_digits().target[load_digits().target < 6][:40]
     noise = np.random.default_rng(0).integers(0, 256, (20, 8, 8), dtype=np.uint8)
-    images = [*_digits(40), *_near(30), *noise]
-    return pd.DataFrame({
-        "image": images, "ood": [False] * 40 + [True] * 50,
+    files = [str(folder / f"noise{i}.png") for i in range(len(noise))]
+    for image, file in zip(noise, files):
+        Image.fromarray(image).save(file)
+    images = np.concatenate([_digits(40), _near(30), noise])
+    return images, pd.DataFrame({
+        "image": [*images[:70], *files], "ood": [False] * 40 + [True] * 50,
         "dataset": ["digits_0_5"] * 40 + ["digits_6_9"] * 30 + ["noise"] * 20,
         "group": [None] * 40 + ["near"] * 30 + ["far"] * 20,
         "label": [*labels.tolist(), *[None] * 50],
@@ -336,7 +341,7 @@ def test_dismax_ood_evaluator_from_its_entry_point_logs_metrics_and_gates_a_cand
     (point,) = [e for e in entry_points(group="mlflow.model_evaluator") if e.name == "dismax-ood"]
     assert point.value == "dismax_plugin.adapters.mlflow:DisMaxOODEvaluator"  # the installed distribution's
     assert "dismax-ood" in mlflow.models.list_evaluators()
-    data = _evaluation_data()
+    images, data = _evaluation_data(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # mlflow.models.evaluate logs to the active run
     experiment = mlflow.MlflowClient(mlflow_server).create_experiment("cli-evaluate")
     with mlflow.start_run(experiment_id=experiment, run_name="champion") as run:
@@ -347,7 +352,7 @@ def test_dismax_ood_evaluator_from_its_entry_point_logs_metrics_and_gates_a_cand
         for key in ("AUROC", "AUPR-IN", "AUPR-OUT", "FPR95TPR", "FPR95-ID"):
             assert 0.0 <= metrics[prefix + key] <= 1.0, prefix + key
     assert metrics["near/AUROC"] == metrics["digits_6_9/AUROC"]  # one set in the group
-    head, logits = _local_logits(tracked_train / "model", np.stack(data["image"].tolist()))
+    head, logits = _local_logits(tracked_train / "model", images)
     scores, ood = head.ood_score(logits).numpy(), data["ood"].to_numpy()
     near = ~ood | (data["dataset"] == "digits_6_9").to_numpy()
     assert metrics["near/AUROC"] == pytest.approx(roc_auc_score(ood[near], -scores[near]), abs=1e-9)
