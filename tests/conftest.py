@@ -35,8 +35,9 @@ class MlflowServer:
     whole process group (the uvicorn workers too) with SIGKILL and waits until the port is closed.
     """
 
-    def __init__(self, root: Path, port: int | None = None):
+    def __init__(self, root: Path, port: int | None = None, extra_args: tuple[str, ...] = ()):
         self.root = Path(root)
+        self.extra_args = tuple(extra_args)  # more `mlflow server` options, e.g. ("--artifacts-destination", ..)
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
@@ -55,6 +56,7 @@ class MlflowServer:
             "--host", "127.0.0.1",
             "--port", str(self.port),
             "--workers", "1",
+            *self.extra_args,
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         env["MLFLOW_DISABLE_TELEMETRY"] = "true"  # nothing leaves this machine
@@ -71,11 +73,18 @@ class MlflowServer:
         except OSError:
             return False
 
+    def warm(self) -> MlflowServer:
+        """One REST call: a fresh server's first answer can take longer than a client's start check waits."""
+        request = urllib.request.Request(self.uri + "/api/2.0/mlflow/experiments/search", method="POST",
+                                         data=b'{"max_results": 1}', headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120):
+            return self
+
     def wait(self, timeout: float = 60.0) -> MlflowServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.healthy():
-                return self
+                return self.warm()
             if self.process is None or self.process.poll() is not None:
                 break
             time.sleep(0.25)
@@ -108,7 +117,7 @@ def mlflow_server_process(tmp_path_factory):
     """The session's :class:`MlflowServer` (started, healthy). A test that stops it must restart it."""
     server = MlflowServer(tmp_path_factory.mktemp("mlflow_server")).start()
     try:
-        server.wait(90)
+        server.wait(240)  # a loaded machine starts it slowly
         yield server
     finally:
         server.stop()
@@ -125,8 +134,8 @@ def mlflow_server_factory(tmp_path):
     """``make(name) -> MlflowServer`` (not started) for tests that stop/restart servers; all are stopped after."""
     servers: list[MlflowServer] = []
 
-    def make(name: str = "server", port: int | None = None) -> MlflowServer:
-        server = MlflowServer(tmp_path / name, port)
+    def make(name: str = "server", port: int | None = None, extra_args: tuple[str, ...] = ()) -> MlflowServer:
+        server = MlflowServer(tmp_path / name, port, extra_args)
         servers.append(server)
         return server
 

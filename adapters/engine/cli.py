@@ -74,6 +74,8 @@ def _add_fields(parser, cls: type, names: tuple[str, ...] | None = None, exclude
         if f.default not in (None, ""):
             help_text = f"{help_text} (default: {f.default})"
         kwargs = {"type": kind, "default": f.default, "help": help_text}
+        if meta.get("repeatable"):  # list[T] field: the option may be given several times
+            kwargs.update(action="append", type=typing.get_args(kind)[0])
         for key in ("choices", "metavar", "required"):
             if meta.get(key) is not None:
                 kwargs[key] = meta[key]

@@ -285,6 +285,8 @@ class TrackingOptions:
     run_name: str | None = option(None, "MLflow run name")
     track: bool = option(True, "do not track to MLflow", flag="--no-track")
     register_model: str | None = option(None, "register the logged model under this name", metavar="NAME")
+    alias: list[str] | None = option(None, "registry alias set on the new version, e.g. champion (repeatable; "
+                                     "needs --register-model)", metavar="ALIAS", repeatable=True)  # fmt: skip
 
 
 def train_config(args: Any, **overrides) -> TrainConfig:

@@ -68,20 +68,30 @@ def make_tracker(args: argparse.Namespace, fallback_dir: str) -> Tracker:
     """The tracker of a command: MLflow on rank 0 unless ``--no-track``, a no-op :class:`Tracker` otherwise.
 
     :param args: the parsed options (``track``, ``tracking_uri``, ``experiment``, ``run_name``,
-        ``register_model``; missing ones count as not given).
+        ``register_model``, ``alias``; missing ones count as not given).
     :param fallback_dir: where the MLflow tracker writes what it could not send (the run's output folder).
+    :raises ConfigError: for ``--alias`` without ``--register-model``, or an alias MLflow does not accept.
     """
+    from .config import ConfigError
+
+    aliases = list(getattr(args, "alias", None) or [])
+    if aliases and not getattr(args, "register_model", None):
+        raise ConfigError(f"--alias {aliases[0]} needs --register-model NAME (the registered model to set it on).")
     if not getattr(args, "track", False) or int(os.environ.get("RANK", "0")) != 0:
         return Tracker()
     from ..mlflow import MlflowTracker
 
-    return MlflowTracker(
-        tracking_uri=getattr(args, "tracking_uri", None),
-        experiment=getattr(args, "experiment", None) or "dismax",
-        run_name=getattr(args, "run_name", None),
-        register_model=getattr(args, "register_model", None),
-        fallback_dir=fallback_dir,
-    )
+    try:
+        return MlflowTracker(
+            tracking_uri=getattr(args, "tracking_uri", None),
+            experiment=getattr(args, "experiment", None) or "dismax",
+            run_name=getattr(args, "run_name", None),
+            register_model=getattr(args, "register_model", None),
+            aliases=aliases,
+            fallback_dir=fallback_dir,
+        )
+    except ValueError as error:
+        raise ConfigError(f"--alias: {error}") from error
 
 
 @contextlib.contextmanager

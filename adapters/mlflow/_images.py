@@ -1,9 +1,10 @@
 """The served model's input: raw images (several layouts and dtypes) to the model's input tensor.
 
 :func:`preprocess_images` accepts what a user of the served model has at hand (numpy batches
-``[N, H, W]``, ``[N, H, W, C]``, ``[N, C, H, W]``, uint8 or float in [0, 1], or a list of images of different
-sizes) and applies the evaluation transform of :mod:`dismax_plugin.adapters.timm.preprocessing` (the one
-definition shared with training and evaluation). :func:`model_examples` makes the input examples logged
+``[N, H, W]``, ``[N, H, W, C]``, ``[N, C, H, W]``, single images, uint8 or float in [0, 1], or a list of
+images of different sizes; which axes are which is decided by :mod:`._layouts`) and applies the evaluation
+transform of :mod:`dismax_plugin.adapters.timm.preprocessing` (the one definition shared with training and
+evaluation). :func:`model_examples` makes the input examples logged
 with the models. Imports numpy only at module level (torch, PIL and timm when called).
 """
 
@@ -16,30 +17,19 @@ from typing import Any
 import numpy as np
 
 from ..timm.preprocessing import eval_transform, to_8bit
+from ._layouts import split_images
 
 __all__ = ["check_preprocessing", "model_examples", "preprocess_images"]
 
 log = logging.getLogger("dismax_plugin.adapters.mlflow")
 
 
-def _layout(images: np.ndarray) -> str:
-    if images.ndim == 3:
-        return "NHW"
-    if images.ndim == 4:
-        if images.shape[-1] in (1, 3, 4):
-            return "NHWC"
-        if images.shape[1] in (1, 3, 4):
-            return "NCHW"
-    raise ValueError(
-        "images must be a batch [N, H, W], [N, H, W, C] or [N, C, H, W] with C in (1, 3, 4); "
-        f"got shape {tuple(images.shape)}."
-    )
-
-
 def _to_uint8(image: np.ndarray) -> np.ndarray:
     numeric = np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)
     if image.dtype == np.bool_ or not numeric:
-        raise TypeError(f"images must hold uint8 (or integer 0..255) or float [0, 1] values; got dtype {image.dtype}.")
+        raise TypeError(
+            f"images must hold uint8 (or integer 0..255), uint16 or float [0, 1] values; got dtype {image.dtype}."
+        )
     if np.issubdtype(image.dtype, np.floating):
         if not np.isfinite(image).all():
             raise ValueError("float images must be finite values in [0, 1]; got NaN or inf.")
@@ -85,47 +75,26 @@ def preprocess_images(images: Any, preprocessing: Mapping[str, Any], transform=N
     :func:`dismax_plugin.adapters.timm.preprocessing.eval_transform`, which evaluation applies to image files.
 
     :param images: a batch as a numpy array (or anything ``np.asarray`` accepts): ``[N, H, W]`` (grey),
-        ``[N, H, W, C]`` or ``[N, C, H, W]`` with ``C`` in 1, 3, 4 (channels-last wins when both fit), or a
-        list of single images ``[H, W]`` / ``[H, W, C]`` of any sizes. Values are uint8 (or other integers in
-        0..255), uint16 (16-bit images: rescaled to 8 bits as 16-bit image files are, ``v // 256``) or floats
-        in [0, 1] (quantised to 8 bits, as an image file would be).
+        ``[N, H, W, C]`` or ``[N, C, H, W]`` with ``C`` in 1, 3, 4, one image ``[H, W]``, ``[H, W, C]`` or
+        ``[C, H, W]``, or a list of single images of any sizes; a shape that fits two of these is read by the
+        rules of :mod:`._layouts` (the model's input size decides, else sides > 4 pixels) or refused. Values
+        are uint8 (or other integers in 0..255), uint16 (16-bit images: rescaled to 8 bits as 16-bit image
+        files are, ``v // 256``) or floats in [0, 1] (quantised to 8 bits, as an image file would be).
     :param preprocessing: ``{"input_size": [C, H, W], "mean": [...], "std": [...]}`` plus optional
         ``"interpolation"`` (default ``"bilinear"``) and ``"crop_pct"`` (default 1.0).
     :param transform: a prebuilt transform (from the same ``preprocessing``) to reuse.
     :return: float32 tensor :math:`N \\times C \\times H \\times W`.
     :raises TypeError: for an unsupported container or dtype.
-    :raises ValueError: for an unsupported shape or out-of-range values.
+    :raises ValueError: for an unsupported or ambiguous shape, or out-of-range values.
     """
     preprocessing = check_preprocessing(preprocessing)
-    if hasattr(images, "iloc"):
-        raise TypeError("images must be a numpy array of images, not a pandas DataFrame.")
-    if hasattr(images, "detach"):
-        images = images.detach().cpu().numpy()
-    if isinstance(images, (list, tuple)) and images:
-        singles = [np.asarray(im) for im in images]
-        if all(im.ndim in (2, 3) for im in singles) and len({im.shape for im in singles}) > 1:
-            return _stack([_single_hwc(im) for im in singles], preprocessing, transform)  # sizes differ
-    try:
-        batch = np.asarray(images)
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"images must be a numpy array batch of images; got {type(images).__name__}.") from error
-    if batch.dtype == object:
-        raise TypeError("images must be a numeric array (uint8 or float); got dtype object.")
-    layout = _layout(batch)
-    if batch.shape[0] == 0:
-        raise ValueError("images must hold at least one image; got an empty batch.")
-    if layout == "NCHW":
-        batch = batch.transpose(0, 2, 3, 1)
-    return _stack([_single_hwc(im) for im in batch], preprocessing, transform)
+    singles = split_images(images, preprocessing["input_size"])
+    return _stack([_single_hwc(im) for im in singles], preprocessing, transform)
 
 
 def _single_hwc(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim == 3 and image.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"a single image must be [H, W] or [H, W, C] with C in (1, 3, 4); got {image.shape}.")
-    if image.ndim not in (2, 3):
-        raise ValueError(f"a single image must be [H, W] or [H, W, C]; got shape {image.shape}.")
-    image = _to_uint8(image)
+    """One image ``[H, W]`` or ``[H, W, C]`` (as :func:`split_images` gives it) as uint8, ``C = 1`` dropped."""
+    image = _to_uint8(np.asarray(image))
     if image.ndim == 3 and image.shape[-1] == 1:
         image = image[..., 0]
     return np.ascontiguousarray(image)

@@ -1,5 +1,7 @@
 """The logged models: the ``pytorch`` flavour (``pt2`` via ``torch.export``, pickle only where export fails)
-and the served pyfunc model (models-from-code, ``_served_model.py``). Neither needs pickle to load.
+and the served pyfunc model (models-from-code, ``_served_model.py``; its signature declares the serve-time
+params ``tpr`` and ``score``). Neither needs pickle to load. The pyfunc model is registered under the
+connection's ``register_model`` name, with its registry ``aliases`` pointed at the new version.
 
 Both carry the ``dismax_plugin`` package in ``code_paths`` (:func:`stage_code_package`) and pinned
 :func:`pip_requirements`. The run tag ``dismax.pytorch_model.serialization`` says which format the
@@ -17,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ._images import check_preprocessing, model_examples
-from ._uri import fluent_tracking_uri, is_connectivity_error
+from ._uri import fluent_tracking_uri, is_connectivity_error, server_error_status
 
 __all__ = ["PYFUNC_MODEL_NAME", "PYTORCH_MODEL_NAME", "SERVED_MODEL_CODE", "log_model", "pip_requirements",
            "stage_code_package"]  # fmt: skip
@@ -86,7 +88,8 @@ def log_model(target, run_id: str, payload: dict, conn) -> str:
     :param target: the store (:class:`~dismax_plugin.adapters.mlflow._store.Target`).
     :param payload: ``model_dir`` (written by ``dtimm.save_model``), ``input_example``, ``flavor`` and,
         for ``pytorch``, the CPU ``model``.
-    :param conn: the connection (``register_model``; ``logged_models`` is filled for the primary store).
+    :param conn: the connection (``register_model`` and its ``aliases``; ``logged_models`` is filled for the
+        primary store).
     :return: the logged model's id.
     """
     from mlflow.entities import LoggedModelOutput
@@ -104,7 +107,8 @@ def log_model(target, run_id: str, payload: dict, conn) -> str:
         if payload["flavor"] == "pytorch":
             result = _log_pytorch(target, run_id, payload["model"], model_input, common)
         else:
-            result = _log_pyfunc(target, run_id, payload["model_dir"], raw, conn.register_model, common)
+            registry = (conn.register_model, tuple(conn.aliases))
+            result = _log_pyfunc(target, run_id, payload["model_dir"], raw, registry, common)
         target.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
     if target is conn.primary:
         conn.logged_models[name] = dict(result, model_id=logged.model_id)
@@ -125,8 +129,8 @@ def _log_pytorch(target, run_id: str, model, model_input, common: dict) -> dict:
         )
         target.client.set_tag(run_id, SERIALIZATION_TAG, "pt2")
     except Exception as error:
-        if is_connectivity_error(error):
-            raise  # the server went away: the connection queues the call, nothing to fall back from
+        if is_connectivity_error(error) or server_error_status(error) is not None:
+            raise  # the server went away or failed: the connection keeps the call, nothing to fall back from
         reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
         log.warning("torch.export failed for this model (%s); logging the pytorch flavour pickled", reason[:300])
         with _quiet_pickle_notice():
@@ -138,19 +142,30 @@ def _log_pytorch(target, run_id: str, model, model_input, common: dict) -> dict:
     return {"model_uri": info.model_uri}
 
 
-def _log_pyfunc(target, run_id: str, model_dir: str, raw, register_model: str | None, common: dict) -> dict:
-    """The served model, from code: ``_served_model.py`` + the saved model folder as an artifact."""
+def _log_pyfunc(target, run_id: str, model_dir: str, raw, registry: tuple[str | None, tuple[str, ...]],
+                common: dict) -> dict:  # fmt: skip
+    """The served model, from code: ``_served_model.py`` + the saved model folder as an artifact; registered
+    as ``registry[0]`` (when given) with the aliases ``registry[1]`` on the new version."""
+    register_model, aliases = registry
     import mlflow.pyfunc
 
-    from ._pyfunc import output_signature
+    from dismax_plugin.adapters.timm import read_metadata
+
+    from ._pyfunc import model_signature
 
     info = mlflow.pyfunc.log_model(
         python_model=SERVED_MODEL_CODE,
         artifacts={"model_dir": str(model_dir)},
-        signature=output_signature(),
+        signature=model_signature(read_metadata(model_dir)),
         input_example=raw,
         registered_model_name=register_model,
         **common,
     )
     target.client.set_tag(run_id, "dismax.pyfunc_model_uri", info.model_uri)
-    return {"model_uri": info.model_uri, "registered_model_version": getattr(info, "registered_model_version", None)}
+    version = getattr(info, "registered_model_version", None)
+    if register_model and version is not None:
+        for alias in aliases:  # MLflow moves an alias that named an older version onto this one
+            target.client.set_registered_model_alias(register_model, alias, str(version))
+            log.info("Set alias '%s' of model '%s' to version %s (models:/%s@%s).", alias, register_model, version,
+                     register_model, alias)  # fmt: skip
+    return {"model_uri": info.model_uri, "registered_model_version": version, "aliases": list(aliases)}

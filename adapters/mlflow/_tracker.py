@@ -26,6 +26,7 @@ from ._connection import Connection
 from ._datasets import DATASET_CONTEXTS, describe_dataset
 from ._images import check_preprocessing
 from ._store import RunRef
+from ._telemetry import telemetry_off_unless_opted_in
 from ._uri import TrackingURIError, check_tracking_uri, http_env
 from ._values import MAX_PARAM_VALUE, check_artifact_file, clean_key, flatten, param_text, rows_frame, scalar
 
@@ -45,6 +46,8 @@ class MlflowTracker:
         ``MLFLOW_EXPERIMENT_ID`` or MLflow's ``Default`` experiment.
     :param run_name: run name (``start(run_name=...)`` overrides it).
     :param register_model: register the pyfunc model under this name in the model registry.
+    :param aliases: registry aliases (e.g. ``["champion"]``) set on the version :meth:`log_model` registers
+        (an alias that named an older version moves to it); needs ``register_model``.
     :param fallback_dir: folder of the local fallback store (default ``./mlflow-fallback``).
     :param retry_interval: seconds between reachability probes while offline.
     :param end_retries: probes of the server at :meth:`end` (at least one) before falling back.
@@ -62,6 +65,7 @@ class MlflowTracker:
         run_name: str | None = None,
         register_model: str | None = None,
         *,
+        aliases: Sequence[str] = (),
         fallback_dir: str | os.PathLike | None = None,
         retry_interval: float = 30.0,
         end_retries: int = 2,
@@ -72,6 +76,7 @@ class MlflowTracker:
                 raise TypeError(f"{name} must be a string or None; got {type(value).__name__}.")
         if register_model is not None and (not isinstance(register_model, str) or not register_model.strip()):
             raise TypeError(f"register_model must be a non-empty model name or None; got {register_model!r}.")
+        self._aliases = _check_aliases(aliases, register_model)
         if isinstance(retry_interval, bool) or not isinstance(retry_interval, (int, float)) or retry_interval < 0:
             raise ValueError(f"retry_interval must be a number of seconds >= 0; got {retry_interval!r}.")
         if isinstance(end_retries, bool) or not isinstance(end_retries, int) or end_retries < 0:
@@ -144,7 +149,7 @@ class MlflowTracker:
             raise TypeError(f"tags must be a mapping {{name: value}} or None; got {type(tags).__name__}.")
         uri = check_tracking_uri(self._uri)
         fallback = self._fallback_dir or os.path.join(os.getcwd(), "mlflow-fallback")
-        conn = Connection(uri, fallback, self._retry_interval, self._register_model)
+        conn = Connection(uri, fallback, self._retry_interval, self._register_model, self._aliases)
         all_tags = _context_tags()
         all_tags.update({clean_key(k): str(v)[:8000] for k, v in (tags or {}).items()})
         ref = RunRef(self._experiment, run_name or self._run_name, all_tags, None)
@@ -343,8 +348,8 @@ class MlflowTracker:
             :math:`N \\times C \\times H \\times W` (un-normalised to uint8 images for the pyfunc model).
             The first two items are used; without one, mid-grey images.
 
-        The pyfunc model is registered under ``register_model`` when given. URIs: :attr:`logged_models`
-        and the run tag ``dismax.pyfunc_model_uri``.
+        The pyfunc model is registered under ``register_model`` when given, with the tracker's ``aliases``
+        on the new version. URIs: :attr:`logged_models` and the run tag ``dismax.pyfunc_model_uri``.
         """
         if not isinstance(model_dir, (str, os.PathLike)) or not os.path.isdir(model_dir):
             raise ValueError(f"model_dir must be an existing folder written by save_model(); got {model_dir!r}.")
@@ -382,6 +387,30 @@ class MlflowTracker:
             raise RuntimeError("call MlflowTracker.start() before logging.")
         if self._ended:
             raise RuntimeError("this MlflowTracker run has ended; start a new tracker.")
+
+
+def _check_aliases(aliases: Sequence[str], register_model: str | None) -> tuple[str, ...]:
+    """``aliases`` as a tuple of valid MLflow registry alias names (MLflow's own rules), else an error."""
+    if isinstance(aliases, str) or not isinstance(aliases, Sequence):
+        raise TypeError(f"aliases must be a list of alias names such as ['champion']; got {aliases!r}.")
+    aliases = tuple(aliases)
+    if not aliases:
+        return ()
+    if register_model is None:
+        raise ValueError(f"aliases {list(aliases)} need register_model (the registered model to set them on).")
+    telemetry_off_unless_opted_in()  # before MLflow's first import: it decides on telemetry then
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
+
+    for alias in aliases:
+        if not isinstance(alias, str):
+            raise TypeError(f"aliases must be strings; got {alias!r}.")
+        try:
+            _validate_model_alias_name(alias)
+            _validate_model_alias_name_reserved(alias)
+        except MlflowException as error:
+            raise ValueError(f"alias {alias!r} cannot be used: {error.message}") from error
+    return tuple(dict.fromkeys(aliases))
 
 
 def _context_tags() -> dict[str, str]:

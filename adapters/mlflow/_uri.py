@@ -1,8 +1,9 @@
 """Tracking URIs: which ones can be used, and how to tell an unreachable backend from a refusal.
 
 :func:`check_tracking_uri` is the start-time check (an unusable URI is a :class:`TrackingURIError`, a
-``ValueError`` naming it); :func:`probe` and :func:`is_connectivity_error` let the connection decide
-whether a failed call means "the server is gone" (queue it) or "the server said no" (drop it).
+``ValueError`` naming it); :func:`probe`, :func:`is_connectivity_error` and :func:`server_error_status` let
+the connection decide whether a failed call means "the server is gone" (queue it), "the server answered
+with an error of its own, HTTP >= 500" (retry it later, keep it) or "the server said no" (drop it).
 MLflow's HTTP client settings are shortened around the tracker's own calls by :func:`http_env`.
 """
 
@@ -25,6 +26,7 @@ __all__ = [
     "is_connectivity_error",
     "is_http",
     "probe",
+    "server_error_status",
 ]
 
 #: MLflow HTTP client settings used around the tracker's calls (unless already set in the environment).
@@ -168,13 +170,47 @@ def probe(uri: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def is_connectivity_error(error: BaseException) -> bool:
-    """True for errors that say the backend could not be reached (rather than that it refused)."""
+def _chain(error: BaseException | None, limit: int = 10) -> Iterator[BaseException]:
     seen = 0
-    while error is not None and seen < 10:
+    while error is not None and seen < limit:
         seen += 1
-        name = type(error).__name__
-        if isinstance(error, (ConnectionError, TimeoutError)) or name in (
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+_TOO_MANY = re.compile(r"too many (5\d\d) error responses")
+
+
+def server_error_status(error: BaseException) -> int | None:
+    """The HTTP status (>= 500) a server *answered* the failed call with, or ``None``.
+
+    MLflow's client retries 5xx answers and then raises "... (Caused by ResponseError('too many 500 error
+    responses'))"; a REST error body or an HTTP error with a 5xx status counts too. (A connection that
+    failed is not an answer: ``None``.)
+    """
+    from mlflow.exceptions import RestException
+
+    for item in _chain(error):
+        match = _TOO_MANY.search(str(item))
+        if match:
+            return int(match.group(1))
+        response = getattr(item, "response", None)
+        status = getattr(response, "status_code", None)
+        if isinstance(status, int) and status >= 500:
+            return status
+        if isinstance(item, RestException):
+            code = int(item.get_http_status_code())
+            return code if code >= 500 else None
+    return None
+
+
+def is_connectivity_error(error: BaseException) -> bool:
+    """True for errors that say the backend could not be reached (rather than that it answered)."""
+    if server_error_status(error) is not None:
+        return False  # the server answered, with an error of its own
+    for item in _chain(error):
+        name = type(item).__name__
+        if isinstance(item, (ConnectionError, TimeoutError)) or name in (
             "ConnectionError",
             "ConnectTimeout",
             "ReadTimeout",
@@ -185,16 +221,7 @@ def is_connectivity_error(error: BaseException) -> bool:
             "OperationalError",
         ):
             return True
-        text = str(error)
+        text = str(item)
         if "Max retries exceeded" in text or "Connection refused" in text or "failed with exception" in text:
             return True
-        status = getattr(error, "get_http_status_code", None)
-        if callable(status):
-            try:
-                if int(status()) >= 500:
-                    return True
-            except Exception:
-                pass
-        error = error.__cause__ or error.__context__
     return False
-

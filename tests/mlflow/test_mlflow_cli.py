@@ -1,5 +1,7 @@
-"""`dismax train/compare` tracked to a real MLflow server; the logged model served by `mlflow models serve`;
-the server stopped mid-training; only rank 0 of a real two-process `torchrun` talks to MLflow."""
+"""`dismax train/compare` tracked to a real MLflow server; the registered model's alias served by `mlflow models
+serve` with serve-time params, loaded in Python and evaluated by the `dismax-ood` evaluator (found through its
+entry point) with a passing and a failing gate; the server stopped mid-training; only rank 0 of a real
+two-process `torchrun` talks to MLflow."""
 
 from __future__ import annotations
 
@@ -62,19 +64,32 @@ def _digits(n=6):
     return (digits.images[digits.target < 6][:n] * 255 / 16).astype(np.uint8)
 
 
-def _local_predictions(model_dir, images):
-    """What the saved model itself says about ``images``: class, calibrated probability, OOD score, flag."""
+def _near(n=6):
+    """``n`` raw digits 6-9 (the near OOD set), as :func:`_digits`."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return (digits.images[digits.target >= 6][:n] * 255 / 16).astype(np.uint8)
+
+
+def _local_logits(model_dir, images):
+    """The saved model's head and its calibrated logits of ``images`` (the library, not MLflow), in batches
+    of 64 as the served model runs them (so the very same floats)."""
     model = dtimm.load_model(model_dir, device="cpu").eval()
-    preprocessing = dtimm.read_metadata(model_dir)["metadata"]["preprocessing"]
-    head = dtimm.get_head(model)
+    x = preprocess_images(images, dtimm.read_metadata(model_dir)["metadata"]["preprocessing"])
     with torch.no_grad():
-        logits = model(preprocess_images(images, preprocessing)).double()
+        return dtimm.get_head(model), torch.cat([model(x[i : i + 64]) for i in range(0, len(x), 64)]).double()
+
+
+def _local_predictions(model_dir, images, tpr=0.95, score=None):
+    """What the saved model itself says about ``images``: class, calibrated probability, OOD score, flag."""
+    head, logits = _local_logits(model_dir, images)
     probability, predicted = torch.softmax(logits, 1).max(1)
     return {
         "class": predicted.tolist(),
         "probability": probability.tolist(),
-        "ood_score": head.ood_score(logits, head.score).tolist(),
-        "is_ood": head.is_ood(logits, 0.95).tolist(),
+        "ood_score": head.ood_score(logits, score).tolist(),
+        "is_ood": head.is_ood(logits, tpr, score).tolist(),
         "temperature": float(head.temperature),
     }
 
@@ -85,6 +100,7 @@ def tracked_train(mlflow_server, tmp_path_factory):
     proc = _dismax(
         "train", *TINY, "--epochs", "2", "--output", str(out), "--tracking-uri", mlflow_server,
         "--experiment", "cli-train", "--run-name", "tiny", "--register-model", "dismax-digits-tiny",
+        "--alias", "champion", "--alias", "staging",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
@@ -139,6 +155,7 @@ def test_train_run_has_params_metric_histories_artifacts_and_models(mlflow_serve
         assert linked[f"{name}.{method}.AUROC"] == (name, inputs[name].dataset.digest), name
     version = client.get_model_version("dismax-digits-tiny", "1")
     assert version.run_id == run.info.run_id
+    assert client.get_registered_model("dismax-digits-tiny").aliases == {"champion": "1", "staging": "1"}
 
 
 def _serve(model_uri, port, env, log):
@@ -150,44 +167,228 @@ def _serve(model_uri, port, env, log):
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def test_mlflow_models_serve_answers_curl_with_the_local_models_predictions(
+def _post(port, body):
+    """POST ``body`` (JSON) to the scoring server: ``(HTTP status, parsed answer)``."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _wait_for(server, port, log_path, seconds=240):
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        assert server.poll() is None, log_path.read_text()[-3000:]
+        assert time.monotonic() < deadline, "mlflow models serve did not start"
+        time.sleep(0.5)
+
+
+def test_champion_served_by_mlflow_models_serve_takes_params_exactly_like_the_library(
     mlflow_server, tracked_train, tmp_path, free_port
 ):
     import signal
 
     port = free_port()
     env = {"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    images = _digits(40)  # raw [N, 8, 8] uint8 in-distribution digits
+    answers = {}
     with open(tmp_path / "serve.log", "wb") as log:
-        server = _serve("models:/dismax-digits-tiny/1", port, env, log)
+        server = _serve("models:/dismax-digits-tiny@champion", port, env, log)
         try:
-            deadline = time.monotonic() + 240
-            while True:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as answer:
-                        if answer.status == 200:
-                            break
-                except OSError:
-                    pass
-                assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "mlflow models serve did not start"
-                time.sleep(0.5)
-            images = _digits(6)
-            body = json.dumps({"inputs": images.tolist()})  # raw [N, 8, 8] uint8 digits
+            _wait_for(server, port, tmp_path / "serve.log")
+            body = json.dumps({"inputs": images[:6].tolist(), "params": {"tpr": 0.99}})  # the README's curl
             curl = subprocess.run(
                 ["curl", "-s", "-X", "POST", f"http://127.0.0.1:{port}/invocations",
                  "-H", "Content-Type: application/json", "-d", body],
                 capture_output=True, text=True, timeout=60,
             )  # fmt: skip
+            answers["default"] = _post(port, {"inputs": images.tolist()})
+            for tpr in (0.5, 0.8, 0.99):
+                answers[tpr] = _post(port, {"inputs": images.tolist(), "params": {"tpr": tpr}})
+            answers["mds"] = _post(port, {"inputs": images.tolist(), "params": {"score": "mds"}})
+            answers["bad tpr"] = _post(port, {"inputs": images.tolist(), "params": {"tpr": 1.5}})
+            answers["bad score"] = _post(port, {"inputs": images.tolist(), "params": {"score": "nope"}})
+            answers["one image"] = _post(port, {"inputs": images[0].tolist()})  # [8, 8]: one image
+            answers["ambiguous"] = _post(port, {"inputs": images[:3].tolist()})  # [3, 8, 8]: 3 images or 1 RGB
         finally:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=30)
     assert curl.returncode == 0, curl.stderr
     served = json.loads(curl.stdout)["predictions"]
-    want = _local_predictions(tracked_train / "model", images)
-    assert [row["class"] for row in served] == want["class"]
-    assert [row["is_ood"] for row in served] == want["is_ood"]
-    np.testing.assert_allclose([row["probability"] for row in served], want["probability"], rtol=1e-5)
-    np.testing.assert_allclose([row["ood_score"] for row in served], want["ood_score"], rtol=1e-5, atol=1e-8)
+    assert [row["is_ood"] for row in served] == _local_predictions(tracked_train / "model", images[:6], 0.99)["is_ood"]
+
+    status, answer = answers["default"]
+    assert status == 200, answer
+    rows, want = answer["predictions"], _local_predictions(tracked_train / "model", images)
+    assert [row["class"] for row in rows] == want["class"] and [row["is_ood"] for row in rows] == want["is_ood"]
+    np.testing.assert_allclose([row["probability"] for row in rows], want["probability"], rtol=1e-5)
+    np.testing.assert_allclose([row["ood_score"] for row in rows], want["ood_score"], rtol=1e-5, atol=1e-8)
+    flagged = []
+    for tpr in (0.5, 0.8, 0.99):  # raising tpr flags fewer ID images, exactly the images head.is_ood flags
+        status, answer = answers[tpr]
+        assert status == 200, answer
+        is_ood = [row["is_ood"] for row in answer["predictions"]]
+        assert is_ood == _local_predictions(tracked_train / "model", images, tpr)["is_ood"], tpr
+        flagged.append(sum(is_ood))
+    assert flagged == sorted(flagged, reverse=True) and flagged[0] > flagged[-1], flagged
+    status, answer = answers["mds"]
+    mds = _local_predictions(tracked_train / "model", images, score="mds")
+    assert status == 200 and [row["is_ood"] for row in answer["predictions"]] == mds["is_ood"]
+    np.testing.assert_allclose([row["ood_score"] for row in answer["predictions"]], mds["ood_score"], rtol=1e-5)
+    assert not np.allclose(mds["ood_score"], want["ood_score"])  # another score
+    for key, words in (("bad tpr", "params 'tpr' must be a number in (0, 1]"),
+                       ("bad score", "params 'score' must be one of ['mps', 'es', 'mds'"),
+                       ("ambiguous", "images of shape (3, 8, 8) are ambiguous")):  # fmt: skip
+        status, answer = answers[key]
+        assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE", answer
+        assert answer["message"].splitlines()[-1].startswith(f"Error: {words}"), answer["message"][-400:]
+    status, answer = answers["one image"]
+    assert status == 200 and len(answer["predictions"]) == 1
+
+
+@pytest.fixture(scope="module")
+def champion(mlflow_server, tracked_train):
+    """``models:/dismax-digits-tiny@champion`` loaded in this process (from the test server)."""
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
+    try:
+        return mlflow.pyfunc.load_model("models:/dismax-digits-tiny@champion")
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+def test_champion_loaded_in_python_agrees_with_head_is_ood_for_every_tpr_and_score(champion, tracked_train):
+    from mlflow.exceptions import MlflowException
+
+    images = np.concatenate([_digits(30), _near(30)])
+    head, logits = _local_logits(tracked_train / "model", images)
+    assert champion.metadata.get_params_schema().to_dict() == [
+        {"name": "tpr", "type": "double", "default": 0.95, "shape": None},
+        {"name": "score", "type": "string", "default": head.score, "shape": None},
+    ]
+    for score in ("mps", "mds", "mmles"):
+        for tpr in (0.3, 0.9, 1.0):
+            frame = champion.predict(images, params={"tpr": tpr, "score": score})
+            assert frame["is_ood"].tolist() == head.is_ood(logits, tpr, score).tolist(), (score, tpr)
+            np.testing.assert_allclose(frame["ood_score"], head.ood_score(logits, score).numpy(), rtol=1e-6)
+    with pytest.raises(MlflowException, match=r"params 'tpr' must be a number in \(0, 1\]"):
+        champion.predict(images, params={"tpr": -0.1})
+
+
+_USER_MODEL = """
+import mlflow
+import pandas as pd
+
+
+class Inverted(mlflow.pyfunc.PythonModel):
+    \"\"\"A user's own OOD model: another model's ood_score, negated (no class, no is_ood).\"\"\"
+
+    def load_context(self, context):
+        self.inner = mlflow.pyfunc.load_model(context.model_config["inner"])
+
+    def predict(self, context, model_input, params=None):
+        return pd.DataFrame({"ood_score": -self.inner.predict(model_input)["ood_score"].to_numpy()})
+
+
+mlflow.models.set_model(Inverted())
+"""
+
+
+def _evaluation_data(folder):
+    """ID digits 0-5 (labelled), near OOD digits 6-9, far OOD uniform noise (as PNG files): the evaluator's
+    table, and all its images as one array."""
+    import pandas as pd
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    labels = load_digits().target[load_digits().target < 6][:40]
+    noise = np.random.default_rng(0).integers(0, 256, (20, 8, 8), dtype=np.uint8)
+    files = [str(folder / f"noise{i}.png") for i in range(len(noise))]
+    for image, file in zip(noise, files):
+        Image.fromarray(image).save(file)
+    images = np.concatenate([_digits(40), _near(30), noise])
+    return images, pd.DataFrame({
+        "image": [*images[:70], *files], "ood": [False] * 40 + [True] * 50,
+        "dataset": ["digits_0_5"] * 40 + ["digits_6_9"] * 30 + ["noise"] * 20,
+        "group": [None] * 40 + ["near"] * 30 + ["far"] * 20,
+        "label": [*labels.tolist(), *[None] * 50],
+    })  # fmt: skip
+
+
+def test_dismax_ood_evaluator_from_its_entry_point_logs_metrics_and_gates_a_candidate(
+    mlflow_server, champion, tracked_train, tmp_path, monkeypatch
+):
+    from importlib.metadata import entry_points
+
+    import mlflow
+    from mlflow.models import MetricThreshold
+    from sklearn.metrics import roc_auc_score
+
+    (point,) = [e for e in entry_points(group="mlflow.model_evaluator") if e.name == "dismax-ood"]
+    assert point.value == "dismax_plugin.adapters.mlflow:DisMaxOODEvaluator"  # the installed distribution's
+    assert "dismax-ood" in mlflow.models.list_evaluators()
+    images, data = _evaluation_data(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # mlflow.models.evaluate logs to the active run
+    experiment = mlflow.MlflowClient(mlflow_server).create_experiment("cli-evaluate")
+    with mlflow.start_run(experiment_id=experiment, run_name="champion") as run:
+        result = mlflow.models.evaluate(champion, data=data, model_type="ood", evaluators=["dismax-ood"],
+                                        evaluator_config={"dismax-ood": {"tpr": 0.9}})  # fmt: skip
+    metrics = result.metrics
+    for prefix in ("", "digits_6_9/", "noise/", "near/", "far/"):
+        for key in ("AUROC", "AUPR-IN", "AUPR-OUT", "FPR95TPR", "FPR95-ID"):
+            assert 0.0 <= metrics[prefix + key] <= 1.0, prefix + key
+    assert metrics["near/AUROC"] == metrics["digits_6_9/AUROC"]  # one set in the group
+    head, logits = _local_logits(tracked_train / "model", images)
+    scores, ood = head.ood_score(logits).numpy(), data["ood"].to_numpy()
+    near = ~ood | (data["dataset"] == "digits_6_9").to_numpy()
+    assert metrics["near/AUROC"] == pytest.approx(roc_auc_score(ood[near], -scores[near]), abs=1e-9)
+    assert metrics["AUROC"] == pytest.approx(roc_auc_score(ood, -scores), abs=1e-9)
+    assert metrics["ID-flagged"] == pytest.approx(head.is_ood(logits[~ood], 0.9).double().mean().item())
+    labels = data["label"][~ood].astype(int).to_numpy()
+    assert metrics["ACC"] == pytest.approx(float((logits[~ood].argmax(1).numpy() == labels).mean()))
+    client = mlflow.MlflowClient(mlflow_server)
+    assert client.get_run(run.info.run_id).data.metrics == pytest.approx(metrics)
+    listed = {a.path for a in client.list_artifacts(run.info.run_id, "dismax-ood")}
+    assert listed == {"dismax-ood/roc_curve.png", "dismax-ood/score_histogram.png", "dismax-ood/metrics.json"}
+    linked = {m.key: m.dataset_name for m in client.get_logged_model(champion.model_id).metrics}
+    assert linked["near/AUROC"] == "dataset"  # the evaluation data set (MLflow's name for a DataFrame)
+
+    (tmp_path / "user_model.py").write_text(_USER_MODEL)
+    with mlflow.start_run(experiment_id=experiment, run_name="user model"):
+        inverted = mlflow.pyfunc.log_model(name="inverted", python_model=str(tmp_path / "user_model.py"),
+                                           model_config={"inner": "models:/dismax-digits-tiny@champion"},
+                                           pip_requirements=["mlflow"])  # fmt: skip
+        other = mlflow.models.evaluate(inverted.model_uri, data=data, model_type="ood", evaluators=["dismax-ood"])
+    assert other.metrics["near/AUROC"] == pytest.approx(1.0 - metrics["near/AUROC"])
+    assert "ACC" not in other.metrics and "ID-flagged" not in other.metrics  # it gives no class, no is_ood
+    gate = {"near/AUROC": MetricThreshold(min_absolute_change=1e-9, greater_is_better=True)}
+    better, worse = (result, other) if metrics["near/AUROC"] > 0.5 else (other, result)
+    mlflow.validate_evaluation_results(gate, candidate_result=better, baseline_result=worse)  # passes
+    with pytest.raises(mlflow.exceptions.MlflowException, match="near/AUROC"):
+        mlflow.validate_evaluation_results(gate, candidate_result=worse, baseline_result=better)
+
+
+def test_alias_without_register_model_exits_2_with_one_line(tmp_path):
+    proc = _dismax("train", *TINY, "--epochs", "1", "--output", str(tmp_path / "o"), "--no-track",
+                   "--alias", "champion")  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--alias champion needs --register-model" in lines[0], proc.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_compare_logs_two_child_runs_and_the_table_on_the_parent(mlflow_server, tmp_path):

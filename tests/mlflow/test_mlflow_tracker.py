@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 
 import numpy as np
@@ -20,6 +22,7 @@ from dismax_plugin.adapters import timm as dtimm
 from dismax_plugin.adapters.engine import figures
 from dismax_plugin.adapters.mlflow import (
     MlflowTracker,
+    TrackingRejectedWarning,
     TrackingUnavailableWarning,
     TrackingURIError,
     check_tracking_uri,
@@ -354,6 +357,50 @@ def _outage(server, tmp_path):
     assert _metric_steps(client, second.run_id, "loss") == [(1, 1.0)]
 
 
+def test_a_call_the_server_keeps_failing_is_retried_and_kept_not_an_outage(mlflow_server_factory, tmp_path,
+                                                                          monkeypatch, caplog):
+    blocker = tmp_path / "store"  # a file where the server's artifact folder should be: every upload fails (500)
+    blocker.write_text("")
+    server = mlflow_server_factory("broken-store", extra_args=(
+        "--default-artifact-root", "mlflow-artifacts:/", "--artifacts-destination", str(blocker / "artifacts"),
+    )).start().wait(240)  # fmt: skip (a loaded machine starts it slowly)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries of a 500 cost seconds
+    tracker = MlflowTracker(server.uri, experiment="broken-store", retry_interval=0, end_retries=1,
+                            end_retry_wait=0, fallback_dir=tmp_path / "fallback")  # fmt: skip
+    tracker.start()
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING", "dismax_plugin.adapters.mlflow"):
+        warnings.simplefilter("always")
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        tracker.log_dict({"a": 1}, "first.json")  # the store fails: HTTP 500 while /health answers
+        tracker.log_metrics({"loss": 0.5}, step=2)  # sent at once, not queued behind it
+        assert not tracker.offline and tracker.pending == 0 and len(tracker._conn.kept) == 1
+        assert _metric_steps(_client(server.uri), tracker.run_id, "loss") == [(1, 1.0), (2, 0.5)]
+        blocker.unlink()  # the store is repaired: the next call, after the backoff, sends the kept one too
+        time.sleep(1.2)
+        tracker.log_metrics({"loss": 0.25}, step=3)
+        assert not tracker._conn.kept
+        # broken again, for good, where the figure goes: a file in place of the run's folder ood/
+        (blocker / "artifacts" / tracker.experiment_id / tracker.run_id / "artifacts" / "ood").write_text("")
+        tracker.log_figure(figures.score_histogram(np.arange(5.0), {"noise": np.arange(5.0) - 2}), "ood/h.png")
+        tracker.end()
+    assert not [w for w in caught if issubclass(w.category, TrackingUnavailableWarning)]  # never "unreachable"
+    rejected = [str(w.message) for w in caught if issubclass(w.category, TrackingRejectedWarning)]
+    assert len(rejected) == 2 and "log_dict 'first.json' with HTTP 500" in rejected[0], rejected
+    assert "too many 500 error responses from http://127.0.0.1" in rejected[0] and "unreachable" not in caplog.text
+    assert f"kept failing 1 calls with HTTP >= 500: 1 unsent calls were written to the local fallback store " \
+           f"{tracker.fallback_uri}" in rejected[1]  # fmt: skip
+    client = _client(server.uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and _metric_steps(client, tracker.run_id, "loss")[-1] == (3, 0.25)
+    on_server = {a.path: a.is_dir for a in client.list_artifacts(tracker.run_id)}
+    assert on_server == {"first.json": False, "ood": False}  # sent on its second try; ood: the blocking file
+    local = _client(tracker.fallback_uri)
+    (kept,) = local.search_runs([local.get_experiment_by_name("broken-store").experiment_id])
+    assert kept.data.tags["dismax.fallback.source_run_id"] == tracker.run_id and kept.info.status == "FINISHED"
+    png = local.download_artifacts(kept.info.run_id, "ood/h.png", str(tmp_path / "dl"))
+    assert open(png, "rb").read(4) == b"\x89PNG"
+
+
 # ----------------------------------------------------------------------------------------------- bad URIs
 def test_bad_tracking_uri_is_a_clear_error_at_start(tmp_path, free_port):
 
@@ -424,7 +471,7 @@ def test_preprocess_images_layouts_and_errors():
     mono = dict(PREP, input_size=[1, 32, 32], mean=[0.5], std=[0.25])
     assert preprocess_images(images, mono).shape == (2, 1, 32, 32)
     with pytest.raises(ValueError, match=r"\[N, H, W\]"):
-        preprocess_images(images[0, :, :, 0], PREP)
+        preprocess_images(images[0, 0, 0], PREP)  # a row of pixels is no image
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         preprocess_images(images * 2.0, PREP)
     with pytest.raises(ValueError, match="0..255"):
@@ -444,42 +491,109 @@ def test_preprocess_images_layouts_and_errors():
     assert np.allclose(preprocess_images(raw_back, PREP).numpy(), model_input, atol=0.5 / 255 / 0.25 + 1e-6)
 
 
-def test_pyfunc_model_of_a_linear_head_uses_the_saved_calibration(tmp_path):
+def test_batch_dimension_rules_are_explicit_and_ambiguous_shapes_refused():
+    rng = np.random.default_rng(3)
+    one = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    batch = preprocess_images(one[None], PREP)
+    assert batch.shape == (1, 3, 32, 32)  # a batch of one
+    assert torch.equal(preprocess_images(one, PREP), batch)  # one image [H, W, C]: one row, not 32
+    assert torch.equal(preprocess_images(one.transpose(2, 0, 1)[None], PREP), batch)  # [1, C, H, W]
+    assert torch.equal(preprocess_images(one[..., 0], PREP), preprocess_images(one[None, ..., 0], PREP))  # [H, W]
+    assert preprocess_images(one[None, ..., :1].transpose(0, 3, 1, 2)[0], PREP).shape == (1, 3, 32, 32)  # [1,H,W]
+    with pytest.raises(ValueError, match=r"ambiguous.*\(1, 32, 32, 3\) for one image.*\(3, 32, 32, 1\) for 3 images"):
+        preprocess_images(one.transpose(2, 0, 1), PREP)  # (3, 32, 32): one CHW image or 3 grey images
+    assert preprocess_images(one.transpose(2, 0, 1)[..., None], PREP).shape == (3, 3, 32, 32)  # said clearly
+    nchw = rng.integers(0, 256, (2, 3, 32, 4), dtype=np.uint8)  # once read as NHWC RGBA
+    with pytest.raises(ValueError, match=r"ambiguous.*\(2, 32, 4, 3\) for 2 images of 32x4 pixels, 3 channels"):
+        preprocess_images(nchw, PREP)
+    said = preprocess_images(nchw.transpose(0, 2, 3, 1), PREP)  # as the message says: [N, H, W, C]
+    second = nchw[1:].transpose(0, 2, 3, 1)
+    assert said.shape == (2, 3, 32, 32) and torch.equal(said[1], preprocess_images(second, PREP)[0])
+    # the model's input size decides where the sides cannot: a 4x4 RGB model takes [N, 4, 4, 3] channels last
+    small = dict(PREP, input_size=[3, 4, 4])
+    tiles = rng.integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+    assert torch.equal(preprocess_images(tiles, small), preprocess_images(list(tiles), small))
+    grey = rng.integers(0, 256, (3, 8, 8), dtype=np.uint8)  # a list is one image per item: 3 grey digits
+    assert preprocess_images(list(grey), PREP).shape == (3, 3, 32, 32)
+    assert preprocess_images(grey[:2], PREP).shape == (2, 3, 32, 32)  # [2, H, W] is unambiguous
+
+
+def _linear_twin(tmp_path, calibration_scores):
+    """A stock timm model as the engine saves a calibrated linear twin (temperature 2, sorted scores)."""
+    torch.manual_seed(0)
+    model = dtimm.create_model("test_resnet", head="linear", num_classes=3).eval()
+    rng = np.random.default_rng(2)
+    held_out, images = (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for n in (40, 12))
+    with torch.no_grad():
+        held_raw, raw = (model(preprocess_images(x, PREP)) for x in (held_out, images))
+    scores = {name: dp.ood_score(held_raw, 1.0, name).sort().values.tolist() for name in calibration_scores}
+    calibration = {"temperature": 2.0, "score": "mps", "size": 40, "scores": scores}
+    dtimm.save_model(model, tmp_path / "linear", metadata={"preprocessing": PREP, "calibration": calibration})
+    return held_out, images, raw, scores
+
+
+def _served(model_dir, config=None):
     from mlflow.pyfunc import PythonModelContext
 
     from dismax_plugin.adapters.mlflow import DisMaxPyfuncModel
 
-    torch.manual_seed(0)
-    model = dtimm.create_model("test_resnet", head="linear", num_classes=3).eval()
-    images = np.random.default_rng(2).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
-    with torch.no_grad():
-        raw = model(preprocess_images(images, PREP))  # a linear model keeps its temperature (2) outside
-    logits = raw.double() / 2.0
-    deployed = dp.ood_score(raw, 1.0, "mps")  # the score at temperature 1, as calibration takes it
-    assert not torch.allclose(deployed, dp.score(logits, "mps"))
-    ranked = deployed.sort().values  # a threshold between two scores: no sample sits on it
-    threshold = float((ranked[len(ranked) // 2 - 1] + ranked[len(ranked) // 2]) / 2)
-    calibration = {"temperature": 2.0, "score": "mps", "size": 20, "scores": {"mps": [threshold] * 20}}
-    metadata = {"preprocessing": PREP, "calibration": calibration}
-    dtimm.save_model(model, tmp_path / "linear", metadata=metadata)
-
     pyfunc = DisMaxPyfuncModel()
-    pyfunc.load_context(PythonModelContext({"model_dir": str(tmp_path / "linear")}, {"batch_size": 4}))
-    frame = pyfunc.predict(None, images)
-    probability, predicted = torch.softmax(logits, 1).max(1)
+    pyfunc.load_context(PythonModelContext({"model_dir": str(model_dir)}, config))
+    return pyfunc
+
+
+def test_pyfunc_model_of_a_linear_twin_thresholds_every_tpr_and_score(tmp_path):
+    from mlflow.exceptions import MlflowException
+
+    held_out, images, raw, scores = _linear_twin(tmp_path, dp.SCORE_NAMES)
+    pyfunc = _served(tmp_path / "linear", {"batch_size": 4})
+    frame = pyfunc.predict(None, images)  # the defaults: MaxSoftmax at TPR 0.95
+    probability, predicted = torch.softmax(raw.double() / 2.0, 1).max(1)  # at the saved temperature
     assert frame["class"].tolist() == predicted.tolist()
     assert frame["class_name"].tolist() == [str(c) for c in predicted.tolist()]  # no class names saved
     np.testing.assert_allclose(frame["probability"], probability.numpy(), rtol=1e-6)
+    deployed = dp.ood_score(raw, 1.0, "mps")  # at temperature 1, as calibration takes it
+    assert not torch.allclose(deployed, dp.score(raw.double() / 2.0, "mps"))
     np.testing.assert_allclose(frame["ood_score"], deployed.numpy(), rtol=1e-6)
-    assert frame["is_ood"].tolist() == (deployed < threshold).tolist()
-    assert 0 < frame["is_ood"].sum() < 6
+    assert frame["is_ood"].tolist() == (deployed < dp.threshold_at(torch.tensor(scores["mps"]), 0.95)).tolist()
+    for score in ("mps", "mds"):
+        deployed, ordered = dp.ood_score(raw, 1.0, score), torch.tensor(scores[score], dtype=torch.float64)
+        flagged = []
+        for tpr in (0.3, 0.7, 1.0):
+            frame = pyfunc.predict(None, images, {"tpr": tpr, "score": score})
+            np.testing.assert_allclose(frame["ood_score"], deployed.numpy(), rtol=1e-6)
+            assert frame["is_ood"].tolist() == (deployed < dp.threshold_at(ordered, tpr)).tolist(), (score, tpr)
+            flagged.append(int(frame["is_ood"].sum()))
+        assert flagged == sorted(flagged, reverse=True) and flagged[0] > flagged[-1], (score, flagged)
+    # on its own held-out images (same batch, so the very logits) exactly floor(N (1 - tpr)) are flagged
+    whole = _served(tmp_path / "linear")
+    for tpr in (0.9, 0.77):
+        assert int(whole.predict(None, held_out, {"tpr": tpr})["is_ood"].sum()) == dp.flagged_count(40, tpr)
 
-    dtimm.save_model(model, tmp_path / "bare", metadata={"preprocessing": PREP})
-    pyfunc.load_context(PythonModelContext({"model_dir": str(tmp_path / "bare")}, None))
-    frame = pyfunc.predict(None, images[:2])
-    assert frame["is_ood"].isna().all()  # no thresholds stored: no OOD decision
-    with pytest.raises(TypeError, match="DataFrame"):
+    for params, words in (({"tpr": 1.5}, "params 'tpr' must be a number in (0, 1]"), ({"tpr": 0}, "(0, 1]"),
+                          ({"score": "nope"}, "params 'score' must be one of ['mps'")):  # fmt: skip
+        with pytest.raises(MlflowException, match=re.escape(words)) as error:
+            pyfunc.predict(None, images, params)
+        assert error.value.error_code == "INVALID_PARAMETER_VALUE" and isinstance(error.value, ValueError)
+        assert "\n" not in error.value.message
+    with pytest.raises(MlflowException, match="DataFrame"):
         pyfunc.predict(None, frame)
+    with pytest.raises(ValueError, match="serve-time params"):
+        _served(tmp_path / "linear", {"tpr": 0.99})
+
+
+def test_pyfunc_model_without_calibration_scores_says_so(tmp_path):
+    from mlflow.exceptions import MlflowException
+
+    _, images, _, _ = _linear_twin(tmp_path, ("mps",))  # an older twin: MaxSoftmax scores only
+    pyfunc = _served(tmp_path / "linear")
+    assert pyfunc.predict(None, images, {"tpr": 0.5})["is_ood"].notna().all()
+    with pytest.raises(MlflowException, match="'mds' has no calibration scores in this model"):
+        pyfunc.predict(None, images, {"score": "mds"})
+    model = dtimm.load_model(tmp_path / "linear")
+    dtimm.save_model(model, tmp_path / "bare", metadata={"preprocessing": PREP})
+    frame = _served(tmp_path / "bare").predict(None, images[:2], {"tpr": 0.5, "score": "mds"})
+    assert frame["is_ood"].isna().all() and frame["ood_score"].notna().all()  # no thresholds: no decision
 
 
 def test_imports_stay_lazy():
