@@ -17,7 +17,7 @@ import sys
 import types
 import typing
 
-from .config import CompareOptions, ConfigError, EvalOptions, TrackingOptions, TrainConfig, flag_of
+from .config import CompareOptions, ConfigError, EvalOptions, ImportOptions, TrackingOptions, TrainConfig, flag_of
 
 __all__ = ["build_parser", "main"]
 
@@ -61,7 +61,7 @@ def _add_fields(parser, cls: type, names: tuple[str, ...] | None = None, exclude
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``dismax`` parser with its four subcommands."""
+    """The ``dismax`` parser with its subcommands."""
     parser = _Parser(prog="dismax", description="IsoMax/IsoMax+/DisMax heads on timm backbones, evaluated on OOD.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="temperature and thresholds on validation data, written back")
     _add_fields(p, EvalOptions, ("checkpoint",))
     _add_fields(p, TrainConfig, (*_LOAD_FIELDS, "calibration"))
+
+    p = sub.add_parser("import", help="a timm train.py checkpoint, calibrated and saved as a model folder")
+    _add_fields(p, ImportOptions)
+    _add_fields(p, TrainConfig, (*_LOAD_FIELDS, "calibration"), exclude=("image_size", "channels"))  # from train.py
     return parser
 
 
