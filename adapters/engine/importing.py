@@ -145,6 +145,10 @@ def _model_name(model: str | None, checkpoint: TrainPyCheckpoint) -> tuple[str, 
     name = model or recorded
     if not name:
         raise ConfigError(f"--model: '{checkpoint.path}' records no model name; pass --model (e.g. resnet10t_dismax).")
+    try:
+        architecture, head = dtimm.split_registered_name(name)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"--model: {error}") from error
     if model and recorded and model.partition(".")[0] != recorded.partition(".")[0]:
         try:
             dtimm.split_registered_name(recorded)
@@ -152,14 +156,10 @@ def _model_name(model: str | None, checkpoint: TrainPyCheckpoint) -> tuple[str, 
             recorded = None  # a class name (CheckpointSaver without args), not a timm model name
         if recorded:
             raise ConfigError(f"--model {model}: '{checkpoint.path}' was trained as '{recorded}'.")
-    try:
-        architecture, head = dtimm.split_registered_name(name)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"--model: {error}") from error
     return name, architecture, head
 
 
-def _classes_in(architecture: str, checkpoint: TrainPyCheckpoint) -> int:
+def _classes_in(architecture: str, checkpoint: TrainPyCheckpoint, name: str) -> int:
     """The class count of the checkpoint's classifier (train.py's ``num_classes`` when it has none)."""
     import timm
 
@@ -172,8 +172,8 @@ def _classes_in(architecture: str, checkpoint: TrainPyCheckpoint) -> int:
     recorded = checkpoint.args.get("num_classes")
     if isinstance(recorded, int) and recorded >= 2:
         return recorded
-    raise ConfigError(f"--checkpoint: '{checkpoint.path}' has no classifier weights '{first}.weight' and records no "
-                      "num_classes.")  # fmt: skip
+    raise ConfigError(f"--checkpoint: the weights in '{checkpoint.path}' do not fit --model {name}: no classifier "
+                      f"weights '{first}.weight' and no recorded num_classes.")  # fmt: skip
 
 
 def _model_kwargs(args: dict[str, Any]) -> dict[str, Any]:
@@ -213,7 +213,7 @@ def build_model(checkpoint: TrainPyCheckpoint, model: str | None = None) -> tupl
 
     name, architecture, head = _model_name(model, checkpoint)
     kwargs = _model_kwargs(checkpoint.args)
-    num_classes = _classes_in(architecture, checkpoint)
+    num_classes = _classes_in(architecture, checkpoint, name)
     try:
         built = dtimm.create_model(architecture, head=head, num_classes=num_classes, **kwargs)
     except (TypeError, ValueError, RuntimeError) as error:
