@@ -271,6 +271,25 @@ def _build_data(options: argparse.Namespace, preprocessing: dict[str, Any]):
         raise ConfigError(f"--data '{options.data}': {' '.join(str(error).split())}") from error
 
 
+def _check_calibration_split(options: argparse.Namespace, checkpoint: TrainPyCheckpoint, data) -> None:
+    """The calibration split must hold no image train.py trained on: when ``--data`` is the folder train.py read,
+    its calibration split may not be drawn from train.py's training folder."""
+    trained_on = checkpoint.args.get("data") or checkpoint.args.get("data_dir")
+    if not (isinstance(trained_on, str) and os.path.isdir(options.data) and os.path.isdir(trained_on)):
+        return
+    if os.path.realpath(trained_on) != os.path.realpath(options.data):
+        return
+    train_split = str(checkpoint.args.get("train_split") or "train").strip("/")
+    record = getattr(data, "split", None) or {}
+    source = str((record.get("sources") or {}).get("val") or "train/ (held out)")  # folders without a record: drawn
+    if source.split("/", 1)[0].strip() == train_split:
+        raise ConfigError(
+            f"--data '{options.data}': its calibration split ({source}) is drawn from {train_split}/, on which "
+            f"train.py trained; give the folder a val/ (and test/) that train.py did not train on (train.py "
+            "--val-split val), or calibrate on another folder."
+        )
+
+
 def _metadata(checkpoint: TrainPyCheckpoint, name: str, data, preprocessing: dict, report: dict) -> dict[str, Any]:
     from ._calibration import calibration_metadata
 
@@ -311,6 +330,7 @@ def import_checkpoint(options: argparse.Namespace) -> ImportResult:
     if data.num_classes != model.num_classes:
         raise ConfigError(f"--data '{options.data}' has {data.num_classes} classes; the checkpoint's classifier has "
                           f"{model.num_classes}.")  # fmt: skip
+    _check_calibration_split(options, checkpoint, data)
     device = torch.device(options.device or "cpu")
     report = calibrate_model(model.to(device), data.val, options.calibration, batch_size=options.eval_batch_size,
                              device=device, workers=options.workers)  # fmt: skip

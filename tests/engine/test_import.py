@@ -185,6 +185,7 @@ def _plain_state_dict(root):
         (["--checkpoint", "{plain}", "--model", "test_resnet_isomax"], "do not fit --model test_resnet_isomax"),
         (["--checkpoint", "{root}/dismax", "--data", "{two}"], "has 2 classes; the checkpoint's classifier has 3"),
         (["--checkpoint", "{root}/dismax", "--output", "{existing}"], "exists; add --overwrite"),
+        (["--checkpoint", "{root}/dismax", "--args-yaml", "{own}", "--data", "{own_data}"], "which train.py trained"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(checkpoints, folder, tmp_path, capsys, argv, message):
@@ -194,7 +195,14 @@ def test_bad_input_exits_2_with_one_line(checkpoints, folder, tmp_path, capsys, 
         _images(two / "train" / str(c), 4, seed=c, value=60 * c)
     _images(two / "ood" / "far" / "noise", 2, seed=9)
     (tmp_path / "existing" / "model").mkdir(parents=True)
-    names = {"root": root, "plain": _plain_state_dict(root), "two": two, "existing": tmp_path / "existing"}
+    own_data = tmp_path / "own"  # train.py trained on own/train/: a calibration split drawn from it is refused
+    for c in range(CLASSES):
+        _images(own_data / "train" / str(c), 6, seed=c, value=40 + 80 * c)
+    _images(own_data / "ood" / "far" / "noise", 2, seed=9)
+    options = yaml.safe_load((root / "dismax" / "args.yaml").read_text())
+    (tmp_path / "own.yaml").write_text(yaml.safe_dump(dict(options, data=str(own_data), data_dir=str(own_data))))
+    names = {"root": root, "plain": _plain_state_dict(root), "two": two, "existing": tmp_path / "existing",
+             "own": tmp_path / "own.yaml", "own_data": own_data}  # fmt: skip
     argv = [a.format(**names) for a in argv]
     if "--data" not in argv:
         argv += ["--data", str(folder)]
