@@ -58,8 +58,20 @@ def check_logits(logits, name: str = "logits") -> torch.Tensor:
     return logits
 
 
+def _require(condition: torch.Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``condition`` (a 0-d bool tensor) holds. On the CPU the answer is
+    read at once; on an accelerator it is asserted on the device (``torch._assert_async``), so that checking
+    a training step's targets costs no host synchronisation (a failed check then stops the process with
+    ``message``, as a failed device-side index check of ``F.cross_entropy`` would, without the message)."""
+    if condition.device.type == "cpu":
+        if not bool(condition):
+            raise ValueError(message)
+    else:
+        torch._assert_async(condition, message)
+
+
 def check_class_targets(targets, batch_size: int, num_classes: int, name: str = "targets") -> torch.Tensor:
-    """Require integer class indices of shape [B] in ``[0, num_classes)``."""
+    """Require integer class indices of shape [B] in ``[0, num_classes)`` (no host sync on accelerators)."""
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(targets).__name__}.")
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
@@ -72,12 +84,16 @@ def check_class_targets(targets, batch_size: int, num_classes: int, name: str = 
     if targets.shape[0] != batch_size:
         raise ValueError(f"{name} has {targets.shape[0]} entries but the batch has {batch_size}.")
     if targets.numel():
-        lo, hi = int(targets.min()), int(targets.max())
-        if lo < 0 or hi >= num_classes:
-            raise ValueError(
-                f"{name} must be class indices in [0, {num_classes - 1}]; got values in [{lo}, {hi}]. "
-                f"(Mark OOD samples with a negative label only where the API says so.)"
-            )
+        hint = "(Mark OOD samples with a negative label only where the API says so.)"
+        if targets.device.type == "cpu":
+            lo, hi = (int(v) for v in torch.aminmax(targets))
+            if lo < 0 or hi >= num_classes:
+                raise ValueError(
+                    f"{name} must be class indices in [0, {num_classes - 1}]; got values in [{lo}, {hi}]. {hint}"
+                )
+        else:
+            inside = ((targets >= 0) & (targets < num_classes)).all()
+            _require(inside, f"{name} must be class indices in [0, {num_classes - 1}]. {hint}")
     return targets
 
 
@@ -92,14 +108,17 @@ def check_targets(targets, logits: torch.Tensor, name: str = "targets", atol: fl
                 f"soft {name} must have the shape of the logits {tuple(logits.shape)}; got {tuple(targets.shape)}."
             )
         if targets.numel():
-            if bool((targets < -atol).any()):
-                raise ValueError(f"soft {name} must be non-negative (rows are probability distributions).")
-            sums = targets.detach().float().sum(dim=1)
-            if not torch.allclose(sums, torch.ones_like(sums), atol=atol):
-                worst = float((sums - 1).abs().max())
-                raise ValueError(
-                    f"each row of soft {name} must sum to 1 (a probability distribution); "
-                    f"largest deviation {worst:.3g}."
-                )
+            # two read-only passes (no B x C temporary): the smallest entry, and each row's sum
+            values = targets.detach()
+            _require(values.amin() >= -atol, f"soft {name} must be non-negative (rows are probability distributions).")
+            deviation = (values.sum(dim=1, dtype=torch.float32) - 1.0).abs().amax()
+            if deviation.device.type == "cpu":
+                if float(deviation) > atol:
+                    raise ValueError(
+                        f"each row of soft {name} must sum to 1 (a probability distribution); "
+                        f"largest deviation {float(deviation):.3g}."
+                    )
+            else:
+                _require(deviation <= atol, f"each row of soft {name} must sum to 1 (a probability distribution).")
         return targets
     return check_class_targets(targets, batch, num_classes, name)

@@ -8,51 +8,80 @@ Everything here is a pure function of tensors. The squared distance is expanded 
 
 so the only :math:`B \times C \times D` work is one matrix product, as in ``nn.Linear``; no
 :math:`B \times C \times D` difference tensor is built and no normalised copy of the prototypes is made.
+Both functions take an optional one-element ``scale`` (and :func:`normalized_distances` ``add_mean``) so
+that a head's logits :math:`s\,d` or :math:`s\,(d_j + \frac1C \sum_k d_k)` come out of the same node
+without extra passes over the :math:`B \times C` matrix.
 
-In eager float32/float64 training the whole distance (norms, matrix product, normalisation, square
-root) is one autograd node (:class:`_EuclideanDistances`, :class:`_NormalizedDistances`) whose
-hand-written backward needs one matrix product per input plus one row-scaled pass over the
-:math:`C \times D` prototypes, i.e. about the work of ``nn.Linear``. Under autocast, for float16/bfloat16
-tensors, under torch.func transforms and while tracing, scripting, exporting or compiling, the same formula is
-evaluated with plain differentiable operations (the matrix product in the autocast dtype, the rest in at least
-float32).
+**Fused path.** In eager float32/float64 (no autocast, no torch.func transform, not tracing) the whole
+distance, scale and mean is one autograd node (:class:`_EuclideanDistances`, :class:`_NormalizedDistances`)
+whose hand-written backward needs one matrix product per input, one row-scaled pass over the :math:`C
+\times D` prototypes (the part of their gradient along themselves) and a few :math:`B \times C` passes, done
+in cache-sized blocks of rows; the forward reads the prototypes once more for their norms. Under autocast,
+for float16/bfloat16 tensors, under torch.func transforms and while tracing, scripting, exporting or
+compiling, the same formula is evaluated with plain differentiable operations (the matrix product in the
+autocast dtype, the rest in at least float32).
 
-**Exactness near a prototype.** The expansion cancels when :math:`\lVert f - p \rVert` is small next to
+**Exactness near a prototype (fused path).** The expansion cancels when :math:`d` is small next to
 :math:`\lVert f \rVert + \lVert p \rVert` (the regime IsoMax training drives features into). Every entry
-with :math:`d^2 \le \rho\,(\lVert f \rVert^2 + \lVert p \rVert^2)`, :math:`\rho = 10^{-2}`, is
-recomputed exactly as the norm of the explicit difference (a :math:`K \times D` gather of the :math:`K`
-flagged pairs, in chunks; finding them costs a host sync on CUDA), and the backward uses that exact
-distance. In eager float32/float64 this gives a relative error below :math:`10^{-3}` whenever
-:math:`d \ge 10^{-4}(\lVert f \rVert + \lVert p \rVert)` and never returns 0 for distinct vectors.
-The plain path (autocast, half precision, torch.func, tracing), which must keep static shapes, recomputes
-each row's nearest prototype exactly instead.
+with :math:`d^2 \le \rho\,(\lVert f \rVert^2 + \lVert p \rVert^2)` (Euclidean) or :math:`d^2 \le 2\rho`
+(normalised, where :math:`\lVert \hat f \rVert^2 + \lVert \hat p \rVert^2 \le 2`), :math:`\rho = 10^{-2}`,
+is recomputed as the norm of the explicit difference :math:`e = f - p` or :math:`e = \hat f - \hat p`,
+evaluated in float64 (float32 on MPS) for the :math:`K` flagged pairs, in chunks; :math:`e` is kept (K x D,
+in the input dtype) for the backward. The backward drops those pairs from the matrix-product terms and adds
+their exact gradients, :math:`\partial d/\partial f = e/d` (Euclidean) and, normalised,
+:math:`\partial d/\partial f = (e - \hat f\,(\hat f \cdot e))/(d\,\lVert f \rVert)`,
+:math:`\partial d/\partial p = -(e - \hat p\,(\hat p \cdot e))/(d\,\lVert p \rVert)`: the :math:`e` parts from
+the kept differences, the parts along :math:`f` and :math:`p` folded into the per-row and per-column
+coefficients the backward applies anyway, with :math:`\hat f \cdot e = (d^2 + |\hat f|^2 - |\hat p|^2)/2` and
+:math:`\hat p \cdot e = (|\hat f|^2 - |\hat p|^2 - d^2)/2` (:math:`\pm d^2/2` for unit vectors; no such part at
+the eps floor, where the scale is constant). So in float32 a flagged pair's value is its float64 value
+rounded (0 only for equal vectors) and its gradient exact to float32 rounding, at any distance (measured
+against float64 from 1e-2 down to 1e-6: values within 6e-8 relative, gradients within 3e-7 relative); an
+unflagged entry has :math:`d^2 > \rho\,(\dots)`, where the expansion keeps a relative error near
+:math:`u\,(\lVert f \rVert^2 + \lVert p \rVert^2)/d^2 \lesssim 10^{-5}` (:math:`u = 2^{-24}`; normalised,
+D = 2048: at most 1.5e-6 absolute). Finding the pairs costs one reduction over the :math:`B \times C` matrix
+and, on CUDA, one host sync per forward; the recompute costs about ten float64 passes over :math:`K \times D`.
+
+**Static-shape path** (tracing, ``torch.export`` — e.g. the MLflow ``pt2`` model —, ``torch.compile``,
+TorchScript, torch.func, autocast, float16/bfloat16): data-dependent shapes are not available, so a fixed
+number of pairs is recomputed: each row's :math:`k = \min(C, 4)` **nearest prototypes** by the expanded
+formula, exactly (value and gradient, from the explicit difference in float64). The other pairs keep the
+expansion, whose rounding :math:`\epsilon_2 \approx 4 \sqrt{D}\, u\, (\lVert f \rVert^2 + \lVert p \rVert^2)`
+in the work dtype bounds their absolute error by :math:`\min(\epsilon_2 / (2d), \sqrt{\epsilon_2})` (measured:
+at most 0.45 of it). In float32, D = 2048, :math:`\sqrt{\epsilon_2} \approx 4.6 \cdot 10^{-3}` for normalised
+distances and :math:`\approx 3.3 \cdot 10^{-3}\,\sqrt{\lVert f \rVert^2 + \lVert p \rVert^2}` for Euclidean
+ones. The truly nearest prototype, which decides the class and the scores, is among the recomputed ones
+unless more than four prototypes lie within :math:`\sqrt{\epsilon_2}` of each other around the feature; with
+clustered prototypes beyond that, the bound above is what holds. Under the deprecated ``torch.jit.trace``,
+:math:`k = 1` (a shape-dependent ``min`` cannot be recorded).
 
 **Zero rows.** A vector is normalised as ``F.normalize`` does, :math:`v / \max(\lVert v \rVert, \epsilon)`,
 with :math:`\epsilon = 10^{-12}` except for float16 tensors, where :math:`\epsilon = 2^{-8}`: the gradient at
-a zero row scales with :math:`1/\epsilon`, which must stay far below float16's largest value (65504).
+a zero row scales with :math:`1/\epsilon`, which must stay far below float16's largest value (65504). A
+row with :math:`0 < \lVert v \rVert \le \epsilon` has :math:`\lVert \hat v \rVert = \lVert v \rVert/\epsilon`
+on both paths.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ._near_pairs import NORM_EPS as _NORM_EPS
+from ._near_pairs import add_pair_gradients as _add_pair_gradients
+from ._near_pairs import flags as _flags
+from ._near_pairs import pair_terms as _pair_terms
+from ._near_pairs import per_distance as _per_distance
+from ._near_pairs import root_and_recompute as _root_and_recompute
+from ._static_distances import euclidean_reference as _euclidean_reference
+from ._static_distances import normalized_reference as _normalized_reference
+from ._static_distances import safe_sqrt
+from ._static_distances import scaled as _scaled
+
 __all__ = ["euclidean_distances", "normalized_distances", "safe_sqrt"]
 
-_NORM_EPS = 1e-12  # same floor as torch.nn.functional.normalize
-_HALF_NORM_EPS = 2.0**-8  # float16: 1/eps (the gradient scale at a zero row) leaves ~256x headroom below 65504
 _NEAR = 1e-2  # recompute d exactly where d^2 <= _NEAR * (|f|^2 + |p|^2): the expansion cancels there
 _FUSED_DTYPES = (torch.float32, torch.float64)
-
-
-def _norm_eps(dtype: torch.dtype) -> float:
-    # literals (= _HALF_NORM_EPS, _NORM_EPS) keep this scriptable
-    return 0.00390625 if dtype == torch.float16 else 1e-12
-
-
-def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
-    """Square root of ``max(x, 0)`` whose gradient is 0 (not inf/NaN) where ``x <= 0``."""
-    positive = x > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
+_BLOCK_ELEMENTS = 1 << 16  # CPU: B x C work of the backward in row blocks of ~256 KiB (float32), cache-resident
 
 
 def _row_norms(v: torch.Tensor) -> torch.Tensor:
@@ -60,181 +89,273 @@ def _row_norms(v: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(v, dim=1)
 
 
-def _reference_backward(reference, ctx, grad):
-    """Gradients of the plain expression ``reference(x, P)``: used for higher-order derivatives, where the
-    fused backward (in-place, from forward-time intermediates) would not be differentiable."""
-    x, prototypes = ctx.saved_tensors[:2]
-    inputs = [t for t, needed in zip((x, prototypes), ctx.needs_input_grad[:2]) if needed]
-    grads = iter(torch.autograd.grad(reference(x, prototypes), inputs, grad, create_graph=True))
-    return tuple(next(grads) if needed else None for needed in ctx.needs_input_grad[:2])
-
-
-def _divide_where_positive(grad: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``grad / d`` where ``d > 0``, else 0 (the subgradient 0 of the norm at 0), with one B x C buffer."""
-    return torch.div(grad, d).masked_fill_(d <= 0, 0.0)
-
-
 # ----------------------------------------------------------------------------------------------- Euclidean
-def _near_pairs(d_sq: torch.Tensor, x_sq: torch.Tensor, p_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column indices :math:`K` of the entries where the expansion cancels (see the module doc)."""
-    near = torch.add(x_sq.unsqueeze(1), p_sq.unsqueeze(0)).mul_(_NEAR) >= d_sq
-    if not bool(near.any()):  # the usual case: no index tensor is built at all
-        empty = torch.empty(0, dtype=torch.long, device=d_sq.device)
-        return empty, empty
-    count = int(torch.count_nonzero(near))
-    # nonzero() on CPU reserves room for every element (B*C int64 pairs): ask for the `count` found only
-    nonzero_static = getattr(torch, "nonzero_static", None)
-    flat = near.view(-1)
-    flat = nonzero_static(flat, size=count) if nonzero_static is not None else flat.nonzero()
-    columns = d_sq.shape[1]
-    flat = flat.squeeze(1)
-    return torch.div(flat, columns, rounding_mode="floor"), flat.remainder(columns)
-
-
-def _exact_pairs(x: torch.Tensor, prototypes: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    r""":math:`\lVert x_r - p_c \rVert` for the :math:`K` pairs, from the explicit differences, in chunks of at
-    most ``max(B, C)`` pairs (no :math:`B \times C \times D` tensor)."""
-    exact = torch.empty(rows.numel(), dtype=x.dtype, device=x.device)
-    chunk = max(x.shape[0], prototypes.shape[0], 1)
-    for start in range(0, rows.numel(), chunk):
-        part = slice(start, start + chunk)
-        difference = x.index_select(0, rows[part]).sub_(prototypes.index_select(0, cols[part]))
-        exact[part] = torch.linalg.vector_norm(difference, dim=1)
-    return exact
-
-
-def _euclidean_kernel(x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    r"""Distances :math:`B \times C`, the flagged pairs recomputed exactly."""
+def _euclidean_kernel(x: torch.Tensor, prototypes: torch.Tensor, keep: bool = False):
+    r"""Distances :math:`B \times C`, the flagged pairs recomputed exactly, and those pairs' indices."""
     x_sq = _row_norms(x).square_()
     p_sq = _row_norms(prototypes).square_()
-    d = torch.addmm(p_sq.unsqueeze(0), x, prototypes.t(), alpha=-2.0)  # |p|^2 - 2 f.p
-    d.add_(x_sq.unsqueeze(1))
-    rows, cols = _near_pairs(d, x_sq, p_sq)
-    d.clamp_min_(0.0).sqrt_()
-    if rows.numel():
-        d[rows, cols] = _exact_pairs(x, prototypes, rows, cols)
-    return d
+    d = torch.add(x_sq.unsqueeze(1), p_sq)  # |f|^2 + |p|^2, then - 2 f.p in the product's epilogue
+    d.addmm_(x, prototypes.t(), alpha=-2.0)
+    (any_near,) = _flags(d, _NEAR * (x_sq.max() + p_sq.max()) if d.numel() else 0.0)
+    near = d <= torch.add(x_sq.unsqueeze(1), p_sq).mul_(_NEAR) if any_near else None
+    return d, _root_and_recompute(d, x, prototypes, near, normalized=False, keep=keep)
+
+
+def _save(ctx, out: torch.Tensor, d: torch.Tensor, x, prototypes, scale, *tensors) -> None:
+    """Save the inputs, ``tensors`` and the distances; distances that are not the output stay private to the
+    node (the backward may reuse their buffer), the output is saved as such (no reference cycle); a number
+    ``scale`` is kept on ``ctx``."""
+    ctx.d_is_output = out is d
+    ctx.d = None if ctx.d_is_output else d
+    ctx.number = scale if isinstance(scale, float) else None
+    scale = None if ctx.number is not None else scale
+    ctx.save_for_backward(x, prototypes, scale, *tensors, *((d,) if ctx.d_is_output else ()))
+
+
+def _scale_of(ctx, scale, dtype: torch.dtype):
+    """The factor of the node as a number or a tensor of ``dtype`` (1.0 without one)."""
+    if ctx.number is not None:
+        return ctx.number
+    return 1.0 if scale is None else scale.to(dtype)
+
+
+def _take_distances(ctx, kernel, x, prototypes) -> tuple[torch.Tensor, bool]:
+    """The forward's distances and whether their buffer may be overwritten; recomputed for a second backward
+    through a retained graph (the first one consumed them)."""
+    if ctx.d_is_output:
+        return ctx.saved_tensors[-1], False
+    d, ctx.d = ctx.d, None
+    return (kernel(x, prototypes)[0] if d is None else d), True
+
+
+def _reference_backward(ctx, grad, reference, add_mean: bool):
+    """Gradients of the plain expression: used for higher-order derivatives (``create_graph=True``), where the
+    fused backward (in-place, from forward-time intermediates) would not be differentiable."""
+    x, prototypes, scale = ctx.saved_tensors[:3]
+    needed = _needed(ctx)
+    inputs = [t for t, need in zip((x, prototypes, scale), needed) if need]
+    out = _scaled(reference(x, prototypes), ctx.number if scale is None else scale, add_mean, inplace=False)
+    grads = iter(torch.autograd.grad(out, inputs, grad, create_graph=True))
+    return tuple(next(grads) if need else None for need in needed)
+
+
+def _needed(ctx) -> tuple[bool, bool, bool]:
+    """``needs_input_grad`` of (x, prototypes, scale); ``apply(x, prototypes)`` alone has no scale."""
+    return (tuple(ctx.needs_input_grad) + (False, False, False))[:3]
+
+
+def _scale_gradient(u: torch.Tensor, scale: torch.Tensor | None, needed: bool):
+    """``sum(u)`` shaped and typed like ``scale``, where its gradient is needed."""
+    return u.sum().reshape(scale.shape).to(scale.dtype) if needed else None
 
 
 class _EuclideanDistances(torch.autograd.Function):
-    r"""``d[b, c] = ||x_b - p_c||`` with a backward of two matrix products and two row-scaled copies.
+    r"""``s * ||x_b - p_c||`` in one node, with a backward of two matrix products and two row-scaled copies.
 
-    With :math:`H = g / d` (0 where :math:`d = 0`):
-    :math:`\nabla_x = \mathrm{rowsum}(H)\, x - H P`, :math:`\nabla_P = \mathrm{colsum}(H)\, P - H^\top x`.
+    With :math:`H = s\,g / d` (0 at the flagged pairs, whose exact gradients :math:`\pm s\,g\,e/d` are added
+    from :math:`e = x - p`): :math:`\nabla_x = \mathrm{rowsum}(H)\, x - H P`,
+    :math:`\nabla_P = \mathrm{colsum}(H)\, P - H^\top x`, :math:`\nabla_s = \sum g \odot d`.
     With :math:`d` exact, the cancellation left in :math:`H_{bc}(x_b - p_c)` is a relative
-    :math:`u\,\lVert x \rVert / d` (:math:`u` the unit roundoff): below :math:`10^{-3}` in float32 over the
-    range where the distances are guaranteed.
+    :math:`u\,\lVert x \rVert / d` (:math:`u` the unit roundoff), below :math:`10^{-3}` in float32 for
+    unflagged pairs.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-        d = _euclidean_kernel(x, prototypes)
-        ctx.save_for_backward(x, prototypes, d)
-        return d
+    def forward(ctx, x: torch.Tensor, prototypes: torch.Tensor, scale: torch.Tensor | float | None = None):
+        d, pairs = _euclidean_kernel(x, prototypes, keep=True)
+        out = _scaled(d, scale, False, inplace=False)
+        _save(ctx, out, d, x, prototypes, scale, *pairs)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain expression instead
-            return _reference_backward(_euclidean_reference, ctx, grad)
-        x, prototypes, d = ctx.saved_tensors
-        h = _divide_where_positive(grad, d)
+            return _reference_backward(ctx, grad, _euclidean_reference, False)
+        x, prototypes, scale, rows, cols, kept = ctx.saved_tensors[:6]
+        need_x, need_p, need_s = _needed(ctx)
+        d, own = _take_distances(ctx, _euclidean_kernel, x, prototypes)
+        s = _scale_of(ctx, scale, d.dtype)
+        grad_s = _scale_gradient(torch.mul(grad, d), scale, True) if need_s else None
+        flagged = rows.numel() > 0
+        weight = _per_distance(grad[rows, cols] * s, d[rows, cols]) if flagged else None  # s g / d
+        h = torch.div(grad, d, out=d) if own else torch.div(grad, d)
+        if flagged:
+            h[rows, cols] = 0.0
+        alpha = s if isinstance(s, float) else 1.0  # a number goes into the products, a tensor into H
+        if not isinstance(s, float):
+            h.mul_(s)
         grad_x = grad_p = None
-        if ctx.needs_input_grad[0]:
-            grad_x = x * h.sum(dim=1, keepdim=True)
-            grad_x.addmm_(h, prototypes, alpha=-1.0)
-        if ctx.needs_input_grad[1]:
-            grad_p = prototypes * h.sum(dim=0).unsqueeze(1)
-            grad_p.addmm_(h.t(), x, alpha=-1.0)
-        return grad_x, grad_p
-
-
-def _euclidean_reference(x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """The plain differentiable expression; each row's nearest prototype recomputed exactly (static shapes)."""
-    products = x @ prototypes.t()
-    work = torch.promote_types(products.dtype, torch.float32)
-    xw, pw = x.to(work), prototypes.to(work)
-    x_sq = xw.pow(2).sum(dim=1, keepdim=True)
-    p_sq = pw.pow(2).sum(dim=1)
-    d_sq = x_sq + p_sq.unsqueeze(0) - 2.0 * products.to(work)
-    nearest = d_sq.detach().argmin(dim=1, keepdim=True)  # B x 1
-    exact = torch.linalg.vector_norm(xw - pw[nearest.squeeze(1)], dim=1, keepdim=True)
-    return safe_sqrt(d_sq).scatter(1, nearest, exact)
+        if need_x:
+            grad_x = x * h.sum(dim=1, keepdim=True).mul_(alpha)
+            grad_x.addmm_(h, prototypes, alpha=-alpha)
+        if need_p:
+            grad_p = prototypes * h.sum(dim=0).mul_(alpha).unsqueeze(1)
+            grad_p.addmm_(h.t(), x, alpha=-alpha)
+        if flagged:  # the flagged pairs: +- s g e / d from their exact differences e = x - p
+            _add_pair_gradients((grad_x, grad_p), (rows, cols), (weight, -weight), kept, x, prototypes, rows, cols,
+                                normalized=False)
+        return grad_x, grad_p, grad_s
 
 
 # ----------------------------------------------------------------------------------------------- normalised
-def _normalized_kernel(x: torch.Tensor, prototypes: torch.Tensor):
-    x_norm = _row_norms(x)
-    p_norm = _row_norms(prototypes)
-    x_inv = x_norm.clamp_min(_NORM_EPS).reciprocal_()
-    p_inv = p_norm.clamp_min(_NORM_EPS).reciprocal_()
-    # |f^|^2 is 1, or 0 for a vector at/below the eps floor (F.normalize maps it to ~0).
-    x_unit = (x_norm > _NORM_EPS).to(x.dtype)
-    p_unit = (p_norm > _NORM_EPS).to(x.dtype)
-    # d^2 = |f^|^2 + |p^|^2 - 2 f^.p^, built in place in the buffer of the matrix product.
-    d = (x @ prototypes.t()).mul_((-2.0 * x_inv).unsqueeze(1)).mul_(p_inv.unsqueeze(0))
-    d.add_(x_unit.unsqueeze(1)).add_(p_unit.unsqueeze(0)).clamp_min_(0.0).sqrt_()
-    return d, x_inv, p_inv, x_unit, p_unit
+def _normalized_kernel(x: torch.Tensor, prototypes: torch.Tensor, keep: bool = False):
+    r"""Normalised distances :math:`B \times C` (flagged pairs exact) and what the backward needs."""
+    x_norm, p_norm = _row_norms(x), _row_norms(prototypes)
+    a = x_norm.clamp_min(_NORM_EPS).reciprocal_()
+    q = p_norm.clamp_min(_NORM_EPS).reciprocal_()
+    x_normal, p_normal = x_norm > _NORM_EPS, p_norm > _NORM_EPS
+    # |v^|^2 = (|v| / max(|v|, eps))^2: 1 above the floor, F.normalize's (|v|/eps)^2 at or below it
+    ux = (x_norm * a).square_().masked_fill_(x_normal, 1.0)
+    up = (p_norm * q).square_().masked_fill_(p_normal, 1.0)
+    # d^2 = |f^|^2 + |p^|^2 - 2 q (a f.p), built in place in the buffer of the matrix product
+    d = torch.mm(x, prototypes.t()).mul_(q).mul_(a.mul(-2.0).unsqueeze(1))
+    d.add_(ux.unsqueeze(1)).add_(up)
+    # rows at or below the floor (|v^| < 1, zero rows included) need the general cosine in the backward
+    any_near, floor_x, floor_p = _flags(d, 2.0 * _NEAR, (~x_normal).any(), (~p_normal).any())
+    pairs = _root_and_recompute(d, x, prototypes, d <= 2.0 * _NEAR if any_near else None, True, keep)
+    return d, (a, q, ux, up, x_normal, p_normal, *pairs), (floor_x, floor_p)
 
 
 class _NormalizedDistances(torch.autograd.Function):
-    r"""``d[b, c] = ||x_b/|x_b| - p_c/|p_c|||`` (``F.normalize`` semantics) in one autograd node.
+    r"""``s * (d + [mean_j d])`` with ``d[b, c] = ||x_b/|x_b| - p_c/|p_c|||`` (``F.normalize`` semantics) in one
+    autograd node.
 
-    With :math:`G = -g / d` (0 where :math:`d = 0`), :math:`a = 1/|x|`, :math:`q = 1/|p|` and
-    :math:`K = a\,G\,q` (outer scaling):
-    :math:`\nabla_x = K P - a^2\,\mathrm{rowsum}(G \odot \cos)\, x`,
-    :math:`\nabla_P = K^\top x - q^2\,\mathrm{colsum}(G \odot \cos)\, P`
-    (the second terms vanish for vectors at the eps floor, whose scale is constant). Only ``d`` is saved
-    at :math:`B \times C` size; the backward recovers :math:`\cos = (|\hat f|^2 + |\hat p|^2 - d^2) / 2`.
+    With :math:`V = g + [\mathrm{rowmean}(g)]`, :math:`T = V / d`, :math:`U = V d` (flagged pairs left out and
+    their exact gradients added from :math:`e = \hat x - \hat p`), :math:`a = 1/|x|`, :math:`q = 1/|p|`,
+    :math:`K = -s\,a\,T\,q` (outer scaling) and :math:`\cos = (|\hat x|^2 + |\hat p|^2 - d^2)/2`:
+    :math:`\nabla_x = K P + \beta x` with :math:`\beta = -a^2 \sum_c G \cos = \tfrac{s a^2}{2}
+    (|\hat x|^2 \mathrm{rowsum}(T) + T |\hat p|^2 - \mathrm{rowsum}(U))` (for :math:`C \ge 3D` the same
+    :math:`\beta` comes from projecting :math:`KP` on the tangent space, cheaper there), :math:`\nabla_P =
+    K^\top x + \gamma P` with :math:`\gamma` the same per column, :math:`\nabla_s = \sum U`. A row at the eps
+    floor (constant scale) has :math:`\beta = s a^2 \mathrm{rowsum}(T)`, a prototype there
+    :math:`\gamma = s q^2 \mathrm{colsum}(T)`. Only ``d`` is kept at :math:`B \times C` size; a buffer of it
+    or of :math:`V` becomes :math:`T` and then :math:`K`.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-        d, x_inv, p_inv, x_unit, p_unit = _normalized_kernel(x, prototypes)
-        ctx.save_for_backward(x, prototypes, d, x_inv, p_inv, x_unit, p_unit)
-        return d
+    def forward(ctx, x, prototypes, scale: torch.Tensor | float | None = None, add_mean: bool = False):
+        d, state, (ctx.floor_x, ctx.floor_p) = _normalized_kernel(x, prototypes, keep=True)
+        out = _scaled(d, scale, add_mean, inplace=False)
+        ctx.add_mean = add_mean
+        _save(ctx, out, d, x, prototypes, scale, *state)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain expression instead
-            return _reference_backward(_normalized_reference, ctx, grad)
-        x, prototypes, d, x_inv, p_inv, x_unit, p_unit = ctx.saved_tensors
-        g = _divide_where_positive(grad, d).neg_()
-        gc = d.square().neg_().add_(x_unit.unsqueeze(1)).add_(p_unit.unsqueeze(0)).mul_(0.5).mul_(g)  # g * cos
-        row = gc.sum(dim=1).mul_(x_inv.square()).mul_(x_unit).neg_()
-        col = gc.sum(dim=0).mul_(p_inv.square()).mul_(p_unit).neg_()
-        del gc
-        k = g.mul_(x_inv.unsqueeze(1)).mul_(p_inv.unsqueeze(0))
-        grad_x = grad_p = None
-        if ctx.needs_input_grad[0]:
-            grad_x = x * row.unsqueeze(1)
-            grad_x.addmm_(k, prototypes)
-        if ctx.needs_input_grad[1]:
-            grad_p = prototypes * col.unsqueeze(1)
+            return _reference_backward(ctx, grad, _normalized_reference, ctx.add_mean) + (None,)
+        x, prototypes, scale, a, q, ux, up, x_normal, p_normal, rows, cols, kept = ctx.saved_tensors[:12]
+        need_x, need_p, need_s = _needed(ctx)
+        d, own = _take_distances(ctx, _normalized_kernel, x, prototypes)
+        s = _scale_of(ctx, scale, d.dtype)
+        row_sums = need_x and prototypes.shape[0] < 3 * prototypes.shape[1]  # else the tangent projection
+        floors = (ux if ctx.floor_x and need_p else None, up if ctx.floor_p and row_sums else None)
+        k, sums, pair_v, pair_d = _normalized_stage(grad, d, own, ctx.add_mean, rows, cols, a * -s, q, *floors)
+        del d
+        grad_s = _scale_gradient(sums["rowsum_u"].sum() + pair_v.mul(pair_d).sum(), scale, True) if need_s else None
+        if not (need_x or need_p):
+            return None, None, grad_s, None
+        pairs = None
+        if rows.numel():
+            pairs = _pair_terms(pair_v * s, pair_d, a[rows], q[cols], ux[rows], up[cols], x_normal[rows],
+                                p_normal[cols])
+        gamma = beta = grad_p = None
+        if need_p:  # the part of the prototypes' gradient along themselves
+            gamma = _coefficients(sums["colsum_t"], sums["t_ux"], sums["colsum_u"], p_normal, q, s)
+            gamma = gamma if pairs is None else gamma.index_add_(0, cols, pairs[3])
+        if need_x and (row_sums or ctx.floor_x):
+            beta = _coefficients(sums["rowsum_t"], sums["t_up"], sums["rowsum_u"] if row_sums else None, x_normal, a, s)
+        extra = None if pairs is None or not need_x else torch.zeros_like(a).index_add_(0, rows, pairs[2])
+        grad_x = _normalized_grad_x(k, x, prototypes, a, beta, row_sums, x_normal, extra) if need_x else None
+        if need_p:  # right after K P read the prototypes: gamma P while they are likely still in cache
+            grad_p = prototypes * gamma.unsqueeze(1)
             grad_p.addmm_(k.t(), x)
-        return grad_x, grad_p
+        if pairs is not None:  # the flagged pairs' e-parts, from their exact differences e = x^ - p^
+            _add_pair_gradients((grad_x, grad_p), (rows, cols), pairs[:2], kept, x, prototypes, rows, cols,
+                                normalized=True)
+        return grad_x, grad_p, grad_s, None
 
 
-def _normalized_reference(x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    work = torch.promote_types(torch.promote_types(x.dtype, prototypes.dtype), torch.float32)
-    xw, pw = x.to(work), prototypes.to(work)
-    x_eps, p_eps = _norm_eps(x.dtype), _norm_eps(prototypes.dtype)
-    x_norm = safe_sqrt(xw.pow(2).sum(dim=1, keepdim=True))
-    p_norm = safe_sqrt(pw.pow(2).sum(dim=1))
-    # Normalise in the work dtype (the floor is not representable in float16), multiply in x's dtype.
-    unit_x = (xw / x_norm.clamp_min(x_eps)).to(x.dtype)
-    products = (unit_x @ prototypes.t()).to(work)
-    cosine = products / p_norm.clamp_min(p_eps).unsqueeze(0)
-    # |f^|^2: 1 above the floor, (|f| / eps)^2 below it (F.normalize's value, not only 0 or 1)
-    x_unit = (x_norm / x_norm.clamp_min(x_eps)).square()
-    p_unit = (p_norm / p_norm.clamp_min(p_eps)).square().unsqueeze(0)
-    return safe_sqrt(x_unit + p_unit - 2.0 * cosine)
+def _normalized_stage(grad, d, own: bool, add_mean: bool, rows, cols, row_scale, q, ux, up):
+    r"""The :math:`B \times C` part of the backward, in blocks of rows small enough to stay in cache:
+    :math:`V = g\,[+ \mathrm{rowmean}(g)]`, :math:`U = V d`, :math:`T = V / d` (0 at the flagged pairs), the
+    row and column sums of :math:`U` and :math:`T` (and :math:`T^\top |\hat x|^2`, :math:`T |\hat p|^2` where
+    ``ux`` / ``up`` are given: rows or prototypes at the eps floor), then :math:`K = \mathrm{row\_scale}\, T\, q`
+    in ``d``'s buffer (``own``) or a new one. Returns K, the sums, and V and d at the flagged pairs."""
+    batch, classes = d.shape
+    k = d if own else torch.empty_like(d)
+    # blocks for the CPU's caches; an accelerator takes the whole matrix per kernel (no launch per block)
+    step = max(1, _BLOCK_ELEMENTS // max(classes, 1)) if d.device.type == "cpu" else max(batch, 1)
+    zeros = d.new_zeros(classes)
+    sums = {"colsum_u": zeros, "colsum_t": zeros.clone(), "rowsum_u": d.new_empty(batch),
+            "rowsum_t": d.new_empty(batch), "t_ux": zeros.clone() if ux is not None else None,
+            "t_up": d.new_empty(batch) if up is not None else None}
+    pair_v, pair_d = d.new_empty(rows.numel()), d.new_empty(rows.numel())
+    bounds = torch.searchsorted(rows, torch.arange(0, batch + step, step, device=rows.device)).tolist() \
+        if rows.numel() else None  # rows are sorted: the flagged pairs of each block are one slice
+    for i, start in enumerate(range(0, batch, step)):
+        block = slice(start, start + step)
+        g, db, kb = grad[block], d[block], k[block]
+        v = torch.add(g, g.mean(dim=1, keepdim=True)) if add_mean else g
+        local = None
+        if bounds is not None and bounds[i + 1] > bounds[i]:
+            pairs = slice(bounds[i], bounds[i + 1])
+            local = (rows[pairs] - start, cols[pairs])
+            pair_v[pairs], pair_d[pairs] = v[local], db[local]
+        u = torch.mul(v, db)
+        if local is not None:  # the flagged pairs' gradients are added from their exact differences
+            u[local] = 0.0
+        sums["colsum_u"] += u.sum(dim=0)
+        sums["rowsum_u"][block] = u.sum(dim=1)
+        del u
+        torch.div(v, db, out=kb)  # T
+        if local is not None:
+            kb[local] = 0.0
+        sums["colsum_t"] += kb.sum(dim=0)
+        sums["rowsum_t"][block] = kb.sum(dim=1)
+        if ux is not None:
+            sums["t_ux"] += torch.mv(kb.t(), ux[block])
+        if up is not None:
+            sums["t_up"][block] = torch.mv(kb, up)
+        kb.mul_(row_scale[block].unsqueeze(1)).mul_(q)  # K = a G q with G = -s T
+    sums["t_ux"] = sums["colsum_t"] if ux is None else sums["t_ux"]
+    sums["t_up"] = sums["rowsum_t"] if up is None else sums["t_up"]
+    return k, sums, pair_v, pair_d
+
+
+def _coefficients(t_sum, weighted, u_sum, normal, inverse, s):
+    r"""Per column or row, from the sums of :math:`T` (:math:`G = -sT`), of :math:`T |\hat v|^2` over the other
+    side and of :math:`U`: :math:`-\mathrm{inv}^2 \sum G \cos` for vectors above the floor,
+    :math:`-\mathrm{inv}^2 \sum G` at it (only those when ``u_sum`` is None)."""
+    if u_sum is None:
+        return (t_sum * inverse.square()).mul_(s)
+    general = (t_sum + weighted).sub_(u_sum).mul_(0.5)  # |v^|^2 = 1 above the floor
+    return torch.where(normal, general, t_sum).mul_(inverse.square()).mul_(s)
+
+
+def _normalized_grad_x(k, x, prototypes, a, beta, row_sums: bool, x_normal, extra):
+    r""":math:`K P + (\beta + \mathrm{extra})\, x`; without ``row_sums``, :math:`\beta x` of the rows above the
+    floor is the projection of :math:`K P` on their tangent space (``beta`` then holds the floor rows' only, or
+    None). ``extra``: the flagged pairs' part along :math:`x` (or None)."""
+    if row_sums:
+        grad_x = x * (beta if extra is None else beta + extra).unsqueeze(1)
+        return grad_x.addmm_(k, prototypes)
+    grad_x = torch.mm(k, prototypes)
+    projection = (x * grad_x).sum(dim=1).mul_(a.square()).neg_()
+    if beta is not None:
+        projection = torch.where(x_normal, projection, beta)
+    if extra is not None:
+        projection = projection + extra
+    return grad_x.addcmul_(x, projection.unsqueeze(1))
 
 
 # ----------------------------------------------------------------------------------------------- dispatch
-def _fused_ok(x: torch.Tensor, prototypes: torch.Tensor) -> bool:
+def _fused_ok(x: torch.Tensor, prototypes: torch.Tensor, scale: torch.Tensor | None) -> bool:
     # Eager, same float32/float64 dtype, no autocast: the fused kernels apply. Tracing, export, compile,
     # torch.func transforms, autocast and half precision get the plain differentiable expression.
     if x.dtype != prototypes.dtype or x.dtype not in _FUSED_DTYPES or x.device != prototypes.device:
+        return False
+    if isinstance(scale, torch.Tensor) and scale.device != x.device:
         return False
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
         return False
@@ -243,43 +364,70 @@ def _fused_ok(x: torch.Tensor, prototypes: torch.Tensor) -> bool:
     return not torch.is_autocast_enabled(x.device.type)
 
 
-def _needs_grad(x: torch.Tensor, prototypes: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or prototypes.requires_grad)
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
-def _plain(reference, x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """The differentiable expression; outside autocast, in the inputs' promoted dtype."""
-    distances = reference(x, prototypes)
-    if torch.is_autocast_enabled(x.device.type):
-        return distances
-    return distances.to(torch.promote_types(x.dtype, prototypes.dtype))
+def _as_scale(scale) -> torch.Tensor | float | None:
+    """``None``, a one-element tensor or a number (as a float); the shape is checked in eager mode only."""
+    if scale is None or isinstance(scale, torch.Tensor):
+        if scale is not None and not torch.jit.is_tracing() and scale.numel() != 1:
+            raise ValueError(f"scale must be a number or a one-element tensor; got shape {tuple(scale.shape)}.")
+        return scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a number or a one-element tensor; got {type(scale).__name__}.")
+    return float(scale)
 
 
-def _dispatch(function, kernel, reference, x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """Fused node (training), fused kernel (no gradient) or the plain expression, see :func:`_fused_ok`."""
-    if _fused_ok(x, prototypes):
-        if _needs_grad(x, prototypes):
-            return function.apply(x, prototypes)
-        distances = kernel(x, prototypes)
-        return distances[0] if isinstance(distances, tuple) else distances
-    return _plain(reference, x, prototypes)
+def _dispatch(function, kernel, reference, x, prototypes, scale, add_mean: bool) -> torch.Tensor:
+    """Fused node (training), fused kernel (no gradient) or the plain expression, see :func:`_fused_ok`. The
+    result has the inputs' promoted dtype, promoted again with a tensor ``scale``'s (so a float32 factor gives
+    float32 logits for float16 inputs); under autocast, the plain expression's (at least float32)."""
+    if _fused_ok(x, prototypes, scale):
+        if _needs_grad(x, prototypes, scale):
+            extra = (add_mean,) if function is _NormalizedDistances else ()
+            distances = function.apply(x, prototypes, scale, *extra)
+        else:
+            distances = _scaled(kernel(x, prototypes)[0], scale, add_mean, inplace=True)
+    else:
+        distances = _scaled(reference(x, prototypes), scale, add_mean, inplace=False)
+        if torch.is_autocast_enabled(x.device.type):
+            return distances
+    dtype = torch.promote_types(x.dtype, prototypes.dtype)
+    if isinstance(scale, torch.Tensor):
+        dtype = torch.promote_types(dtype, scale.dtype)
+    return distances.to(dtype)
 
 
-def euclidean_distances(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    r"""Euclidean distances :math:`\lVert f_b - p_j \rVert`.
+def euclidean_distances(
+    features: torch.Tensor, prototypes: torch.Tensor, scale: torch.Tensor | float | None = None
+) -> torch.Tensor:
+    r"""Euclidean distances :math:`s\,\lVert f_b - p_j \rVert`.
 
     :param features: :math:`B \times D`
     :param prototypes: :math:`C \times D`
-    :return: :math:`B \times C`, non-negative, with a finite gradient (0) where a distance is 0.
+    :param scale: optional factor :math:`s` (a number or a one-element tensor, differentiable), applied
+        inside the fused node (cheaper than multiplying the result).
+    :return: :math:`B \times C`, non-negative for :math:`s > 0`, with a finite gradient (0) where a distance
+        is 0.
+    :raises ValueError: if ``scale`` has more than one element.
     """
     if torch.jit.is_scripting():  # TorchScript compiles this branch only
-        return _euclidean_reference(features, prototypes)
+        return _scaled(_euclidean_reference(features, prototypes), scale, False, False)
     else:
-        return _dispatch(_EuclideanDistances, _euclidean_kernel, _euclidean_reference, features, prototypes)
+        scale = _as_scale(scale)
+        return _dispatch(_EuclideanDistances, _euclidean_kernel, _euclidean_reference, features, prototypes,
+                         scale, False)
 
 
-def normalized_distances(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    r"""Distances between L2-normalised vectors, :math:`\lVert \hat f_b - \hat p_j \rVert \in [0, 2]`.
+def normalized_distances(
+    features: torch.Tensor,
+    prototypes: torch.Tensor,
+    scale: torch.Tensor | float | None = None,
+    add_mean: bool = False,
+) -> torch.Tensor:
+    r"""Distances between L2-normalised vectors, :math:`u_{bj} = \lVert \hat f_b - \hat p_j \rVert \in [0, 2]`,
+    times ``scale``; with ``add_mean`` (DisMax) :math:`s\,(u_{bj} + \frac1C \sum_k u_{bk})`.
 
     With :math:`\hat v = v / \max(\lVert v \rVert, \epsilon)` (as ``F.normalize``; :math:`\epsilon` see the
     module doc), :math:`\lVert \hat f - \hat p \rVert^2 = \lVert \hat f \rVert^2 + \lVert \hat p \rVert^2
@@ -287,9 +435,14 @@ def normalized_distances(features: torch.Tensor, prototypes: torch.Tensor) -> to
 
     :param features: :math:`B \times D`
     :param prototypes: :math:`C \times D`
+    :param scale: optional factor :math:`s` (a number or a one-element tensor, differentiable).
+    :param add_mean: add each row's mean distance before scaling (the DisMax logit).
     :return: :math:`B \times C`
+    :raises ValueError: if ``scale`` has more than one element.
     """
     if torch.jit.is_scripting():  # TorchScript compiles this branch only
-        return _normalized_reference(features, prototypes)
+        return _scaled(_normalized_reference(features, prototypes), scale, add_mean, False)
     else:
-        return _dispatch(_NormalizedDistances, _normalized_kernel, _normalized_reference, features, prototypes)
+        scale = _as_scale(scale)
+        return _dispatch(_NormalizedDistances, _normalized_kernel, _normalized_reference, features, prototypes,
+                         scale, add_mean)
