@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -282,7 +283,7 @@ def _check_calibration_split(options: argparse.Namespace, checkpoint: TrainPyChe
     train_split = str(checkpoint.args.get("train_split") or "train").strip("/")
     record = getattr(data, "split", None) or {}
     source = str((record.get("sources") or {}).get("val") or "train/ (held out)")  # folders without a record: drawn
-    if source.split("/", 1)[0].strip() == train_split:
+    if re.search(rf"(^|\s){re.escape(train_split)}/", source):  # "train/ ...", "10% of train/, held out ..."
         raise ConfigError(
             f"--data '{options.data}': its calibration split ({source}) is drawn from {train_split}/, on which "
             f"train.py trained; give the folder a val/ (and test/) that train.py did not train on (train.py "
