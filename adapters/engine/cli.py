@@ -25,6 +25,7 @@ from .config import (
     CompareOptions,
     ConfigError,
     EvalOptions,
+    ImportOptions,
     TrackingOptions,
     TrainConfig,
     flag_of,
@@ -85,7 +86,7 @@ def _add_fields(parser, cls: type, names: tuple[str, ...] | None = None, exclude
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``dismax`` parser with its four subcommands."""
+    """The ``dismax`` parser with its subcommands."""
     parser = _Parser(prog="dismax", description="IsoMax/IsoMax+/DisMax heads on timm backbones, evaluated on OOD.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -111,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fields(p, TrainConfig, (*_LOAD_FIELDS, "calibration"))
     _add_fields(p, CalibrateOptions)
     _add_fields(p, TrainConfig, _SHAPE_FIELDS, without_default=True)
+
+    p = sub.add_parser("import", help="a timm train.py checkpoint, calibrated and saved as a model folder")
+    _add_fields(p, ImportOptions)
+    _add_fields(p, TrainConfig, (*_LOAD_FIELDS, "calibration"), exclude=("image_size", "channels"))  # from train.py
     return parser
 
 

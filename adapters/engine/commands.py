@@ -1,4 +1,4 @@
-"""The ``dismax`` subcommands (train, compare, evaluate, calibrate): each composes config, data, training,
+"""The ``dismax`` subcommands (train, compare, evaluate, calibrate, import): each composes config, data, training,
 evaluation and tracking, in that order, and returns the exit code."""
 
 from __future__ import annotations
@@ -125,7 +125,15 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "compare": _cmd_compare, "evaluate": _cmd_evaluate, "calibrate": _cmd_calibrate}
+def _cmd_import(args: argparse.Namespace) -> int:
+    from .importing import import_checkpoint
+
+    import_checkpoint(args)
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "compare": _cmd_compare, "evaluate": _cmd_evaluate, "calibrate": _cmd_calibrate,
+            "import": _cmd_import}  # fmt: skip
 
 
 def run_command(args: argparse.Namespace) -> int:

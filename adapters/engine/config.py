@@ -31,6 +31,7 @@ __all__ = [
     "ConfigError",
     "EvalOptions",
     "HEAD_CHOICES",
+    "ImportOptions",
     "LOGITNORM_TEMPERATURE",
     "LOSS_CHOICES",
     "RESUME_MAY_CHANGE",
@@ -274,6 +275,21 @@ class CompareOptions:
         parse_list("twins", self.twins, TWINS)
         parse_list("seeds", self.seeds, item=int)
         return self
+
+
+@dataclass
+class ImportOptions:
+    """Options of ``dismax import``: a checkpoint of timm's train.py made a calibrated model folder
+    (:mod:`.importing`)."""
+
+    checkpoint: str = option(None, "train.py's last.pth.tar or model_best.pth.tar, or its output folder", required=True)
+    model: str | None = option(None, "train.py's --model (resnet10t_dismax; a stock name imports a linear twin); "
+                               "default: the one train.py recorded")  # fmt: skip
+    args_yaml: str | None = option(None, "train.py's args.yaml (default: next to the checkpoint, else its args)")
+    use_ema: bool = option(False, "import the EMA weights (train.py --model-ema)")
+    output: str | None = option(None, "run directory, the model goes to <output>/model "
+                                "(default: runs/import-<model>-<data>)")  # fmt: skip
+    overwrite: bool = option(False, "replace an existing <output>/model")
 
 
 @dataclass

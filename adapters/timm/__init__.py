@@ -14,7 +14,8 @@ Modules: ``_names`` (head kinds, variant names, the architecture check), ``_conv
 classifiers), ``_convert`` (the swap and the converted model class), ``_weights`` (:func:`create_model`,
 pretrained and checkpoint weights), ``_registry`` (explicit timm registration), ``_io`` (the saved timm
 model directory) and the public :mod:`~dismax_plugin.adapters.timm.preprocessing`. Importing this package
-changes nothing in timm (``timm.list_models()`` stays as it is).
+changes nothing in timm (``timm.list_models()`` stays as it is); importing
+:mod:`dismax_plugin.adapters.timm.register` (timm ``train.py``'s ``--device-modules``) registers every variant.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 from ._conv_heads import Conv2dDisMaxHead, Conv2dIsoMaxHead, Conv2dIsoMaxPlusHead
 from ._convert import classifier_paths, convert_timm_model, get_head, head_kind, head_options
 from ._io import CONFIG_NAME, FORMAT, WEIGHTS_NAME, load_model, read_metadata, save_model
-from ._names import HEAD_KINDS, HEAD_OPTIONS, check_architecture, registered_name
+from ._names import HEAD_KINDS, HEAD_OPTIONS, check_architecture, registered_name, split_registered_name
 from ._registry import register_timm_models
 from ._weights import create_model
 
@@ -47,4 +48,5 @@ __all__ = [
     "register_timm_models",
     "registered_name",
     "save_model",
+    "split_registered_name",
 ]

@@ -32,7 +32,7 @@ from torch import nn
 from dismax_plugin import __version__ as _plugin_version
 
 from ._convert import convert_timm_model, get_head, head_kind, head_options
-from ._names import HEAD_KINDS, architecture_of, check_timm_model
+from ._names import HEAD_KINDS, HEAD_OPTIONS, architecture_of, check_timm_model
 
 __all__ = ["CONFIG_NAME", "FORMAT", "WEIGHTS_NAME", "load_model", "read_metadata", "save_model"]
 
@@ -132,8 +132,11 @@ def save_model(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str,
     directory.mkdir(parents=True, exist_ok=True)
     with _temporary(directory, CONFIG_NAME) as config, _temporary(directory, WEIGHTS_NAME) as weights:
         data_config = _data_config(metadata.get("preprocessing"))
+        # model_args are the arguments of config.json's "architecture" (the registered "<arch>_<head>"
+        # entrypoint, as for timm's local-dir: loading), so they carry the head options too
+        head_args = head_options(model) if head_kind(model) != "linear" else {}
         try:
-            save_config_for_hf(model, config, model_config=model_config, data_config=data_config)
+            save_config_for_hf(model, config, model_config=model_config, model_args=head_args, data_config=data_config)
         except (TypeError, ValueError) as error:
             raise ValueError(f"The timm config of '{architecture_of(model)}' cannot be saved: {error}") from error
         safetensors.torch.save_model(model, weights, metadata={"format": "pt"})
@@ -174,7 +177,9 @@ def _from_timm_config(config: Any, file: Path) -> dict[str, Any]:
     return dict(
         block,
         num_classes=config.get("num_classes"),
-        model_args={k: v for k, v in (config.get("model_args") or {}).items() if k != "num_classes"},
+        # the stock architecture's arguments: the head options are the block's "head_options"
+        model_args={k: v for k, v in (config.get("model_args") or {}).items()
+                    if k != "num_classes" and k not in HEAD_OPTIONS},  # fmt: skip
         data_config={k: pretrained_cfg[k] for k in _DATA_KEYS if k in pretrained_cfg},
         pretrained_cfg=pretrained_cfg,
     )

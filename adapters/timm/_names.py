@@ -45,6 +45,24 @@ def split_variant(name: str) -> tuple[str, str] | None:
     return None
 
 
+def split_registered_name(name: str) -> tuple[str, str]:
+    """``(architecture, head)`` of a model name as timm's ``create_model`` takes it once the variants are
+    registered: ``"resnet10t_dismax"`` gives ``("resnet10t", "dismax")``, a stock architecture ``(name,
+    "linear")``; a pretrained tag stays on the architecture (``"resnet10t_isomax.c3_in1k"`` gives
+    ``("resnet10t.c3_in1k", "isomax")``).
+
+    :raises TypeError: if ``name`` is not a string.
+    :raises ValueError: for a name that is neither a timm architecture nor one of its variants.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a string such as 'resnet10t_dismax' or 'resnet10t'; got {name!r}.")
+    base, dot, tag = name.partition(".")
+    variant = split_variant(base)
+    if variant is not None:
+        return variant[0] + dot + tag, variant[1]
+    return check_architecture(name), "linear"
+
+
 def check_architecture(name: str) -> str:
     """Return ``name`` if it is a timm architecture (optionally ``"arch.tag"``); the one architecture check.
 

@@ -3,10 +3,14 @@ r"""Model creation and weights: :func:`create_model` = ``timm.create_model`` + c
 Pretrained weights come the way timm gets them: ``pretrained=True`` loads from the Hugging Face hub through
 timm (its cache, ``HF_HUB_OFFLINE``, ``HF_HUB_CACHE``; also for ``"hf-hub:<repo>"`` names), or from a local
 file given as
-``pretrained_cfg_overlay=dict(file=...)`` (``.safetensors``/``.pth``) or ``dict(state_dict=...)``. timm drops
-a classifier of another size; the classifier is then replaced by the head anyway, so only the backbone
-weights are kept. A checkpoint of a converted model (its classifier holds a ``temperature``; earlier versions
-``*.prototypes``) is loaded whole.
+``pretrained_cfg_overlay=dict(file=...)`` (``.safetensors``/``.pth``) or ``dict(state_dict=...)``. A stock
+checkpoint goes through timm's ``load_pretrained`` into the stock model (which drops a classifier of another
+size) before the classifier is replaced by a fresh head, so only the backbone weights are kept: a stock
+``nn.Linear``'s ``<classifier>.weight`` never becomes prototypes, even though the head's matrix has that
+name. A checkpoint of a converted model (its classifier holds ``calibration_scores``; earlier versions
+``*.prototypes``) is loaded whole when its class count is the one asked for; for another class count (or
+train.py's ``--pretrained-path``, which forces a new head) its backbone is kept and the head starts afresh,
+as timm does for a stock classifier. ``checkpoint_path`` loads strictly (as timm's ``load_checkpoint``).
 """
 
 from __future__ import annotations
@@ -64,11 +68,16 @@ def _has_head_weights(state_dict: Mapping[str, Any]) -> bool:
     return any(key.endswith((".prototypes", ".calibration_scores")) for key in state_dict)
 
 
-def _classes_in(state_dict: Mapping[str, Any], cfg: Mapping[str, Any]) -> int | None:
+def _declared_classifiers(cfg: Mapping[str, Any]) -> tuple[str, ...]:
     declared = cfg.get("classifier")
+    return () if not declared else (declared,) if isinstance(declared, str) else tuple(declared)
+
+
+def _classes_in(state_dict: Mapping[str, Any], cfg: Mapping[str, Any]) -> int | None:
+    declared = _declared_classifiers(cfg)
     if not declared:
         return None
-    first = declared if isinstance(declared, str) else declared[0]
+    first = declared[0]
     weight = state_dict.get(first + ".weight")
     return int(weight.shape[0]) if getattr(weight, "ndim", 0) >= 1 else None
 
@@ -141,12 +150,20 @@ def _local_pretrained(arch: str, kwargs: dict[str, Any]) -> tuple[str, dict] | N
     if weights is None or not isinstance(weights[1], dict):
         return None
     where, loaded = weights
-    if _has_head_weights(loaded):
-        kwargs["pretrained"] = False
-        return where, loaded
-    overlay["state_dict"] = loaded
     file_classes = _classes_in(loaded, cfg)
-    if file_classes is not None and "num_classes" not in (kwargs.get("pretrained_cfg_overlay") or {}):
+    given = kwargs.get("pretrained_cfg_overlay") or {}
+    if _has_head_weights(loaded):
+        wanted = kwargs.get("num_classes", cfg.get("num_classes"))
+        if file_classes is None or (wanted == file_classes and given.get("num_classes") in (None, file_classes)):
+            kwargs["pretrained"] = False
+            return where, loaded
+        # a converted model's weights for another class count (or train.py's --pretrained-path, which forces a
+        # new head with num_classes=-1): as timm does with a classifier of another size, the backbone is kept and
+        # the head starts afresh (its prototypes, temperature and calibration belong to other classes)
+        prefixes = tuple(f"{p}." for p in _declared_classifiers(cfg))
+        loaded = {k: v for k, v in loaded.items() if not k.startswith(prefixes)}
+    overlay["state_dict"] = loaded
+    if file_classes is not None and "num_classes" not in given:
         overlay["num_classes"] = file_classes  # timm then drops a classifier of another size
     kwargs["pretrained_cfg_overlay"] = overlay
     return None

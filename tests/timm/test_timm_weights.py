@@ -106,7 +106,7 @@ _HUB_SCRIPT = textwrap.dedent(
     count = len(timm.list_models())
     from dismax_plugin.adapters import timm as dtimm
     dtimm.create_model("test_resnet", head="dismax", num_classes=3)
-    out = {"unchanged_by_import": len(timm.list_models()) == count}
+    out = {"unchanged_by_import": len(timm.list_models()) == count, "stock": count}
     attempts = []
 
     def refuse(sock, address, *args):
@@ -134,6 +134,22 @@ _HUB_SCRIPT = textwrap.dedent(
     except RuntimeError as error:
         out["missing"] = str(error)
     out["attempts"] = attempts
+
+    # train.py's --device-modules: importing the register module registers every variant (the rest of them)
+    before = len(timm.list_models())
+    import dismax_plugin.adapters.timm.register as register
+    out["register_module"] = [len(timm.list_models()) - before, len(register.REGISTERED), len(timm.list_models())]
+    import argparse, tempfile
+    from timm.utils import ParseKwargs
+    parser = argparse.ArgumentParser()  # train.py's --model-kwargs (literal_eval'd values)
+    parser.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs)
+    kwargs = parser.parse_args(["--model-kwargs", "entropic_scale=5"]).model_kwargs
+    model = timm.create_model("resnet10t_dismax", num_classes=3, **kwargs)
+    out["model_kwargs_head"] = [type(model.fc).__name__, model.fc.entropic_scale]
+    folder = tempfile.mkdtemp()
+    dtimm.save_model(model, folder)
+    out["reloaded_scale"] = [dtimm.load_model(folder).fc.entropic_scale,
+                             timm.create_model("local-dir:" + folder, pretrained=True).fc.entropic_scale]
     print("RESULT=" + json.dumps(out))
     """
 )
@@ -142,7 +158,9 @@ _HUB_SCRIPT = textwrap.dedent(
 def test_pretrained_from_an_offline_hub_cache_and_no_registration_at_import(tmp_path):
     """A fresh process, HF_HUB_OFFLINE=1 and HF_HUB_CACHE written here: timm's hub loading gives the cached
     backbone, a missing model is a clear error, nothing reaches the network, importing the adapter leaves
-    timm.list_models() as it is and registering adds exactly the names asked for."""
+    timm.list_models() as it is and registering adds exactly the names asked for; importing
+    ``dismax_plugin.adapters.timm.register`` (train.py's ``--device-modules``) then adds the variants of every
+    architecture, and train.py's ``--model-kwargs entropic_scale=5`` reaches the head and survives save/load."""
     torch.manual_seed(5)
     repo = timm.get_pretrained_cfg("test_resnet").hf_hub_id
     weights = _hub_cache(tmp_path / "hub", repo, timm.create_model("test_resnet"))  # 1000 classes, as published
@@ -164,3 +182,8 @@ def test_pretrained_from_an_offline_hub_cache_and_no_registration_at_import(tmp_
     assert "timm/resnet10t" in message and "HF_HUB_OFFLINE" in message, message
     assert "pretrained_cfg_overlay=dict(file=" in message and "HF_HUB_CACHE" in message
     assert out["attempts"] == []
+    stock = out["stock"]  # timm's architectures in a fresh process
+    added, registered, total = out["register_module"]
+    assert added == registered == 3 * stock - 3 and total == 4 * stock  # test_resnet's three came before
+    assert out["model_kwargs_head"] == ["DisMaxHead", 5.0]
+    assert out["reloaded_scale"] == [5.0, 5.0]
