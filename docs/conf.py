@@ -98,8 +98,8 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(argparse|collections|typing|os|pathlib|dataclasses|logging|contextlib|signal|types)(\..*)?"),
     (r"py:.*", r"(Any|Callable|Iterable|Iterator|Mapping|Sequence|Path|Namespace|Self)"),
     (r"py:.*", r"(ClassVar|Literal|Optional|Union)"),
-    # pytorch-ood's exception, named as its own docstrings name it
-    (r"py:exc", r"ModelNotSetException"),
+    # pytorch-ood's and MLflow's exceptions, named as the docstrings name them
+    (r"py:exc", r"(ModelNotSetException|MlflowException)"),
 ]
 
 # ---------------------------------------------------------------------------- public names (docs/_ext/dismax_refs.py)

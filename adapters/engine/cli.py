@@ -39,7 +39,7 @@ EXIT_USAGE = 2
 _LOAD_FIELDS = ("data", "data_root", "seed", "device", "workers", "eval_batch_size")
 _SHAPE_FIELDS = ("image_size", "channels")
 #: options a command does not take: ``compare`` and ``evaluate`` log no model to register
-_NOT_TAKEN = {"compare": ("register_model",), "evaluate": ("register_model",)}
+_NOT_TAKEN = {"compare": ("register_model", "alias"), "evaluate": ("register_model", "alias")}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -145,7 +145,7 @@ class TrainConfig:
     mixup: float = option(0.0, "timm Mixup alpha (with DisMax add --no-fpr)")
     cutmix: float = option(0.0, "timm CutMix alpha (with DisMax add --no-fpr)")
     smoothing: float = option(0.0, "label smoothing (with FPR: on the clean rows)")
-    augment: bool = option(False, "timm training augmentation (random resized crop, flip)")
+    augment: bool = option(False, "timm training augmentation (random resized crop, scale 0.7-1; no flip)")
     max_train_samples: int | None = option(None, "train on the first N samples only")
     workers: int = option(0, "DataLoader workers")
     device: str | None = option(None, "cpu, cuda, cuda:1, ... (default: cuda if available)")

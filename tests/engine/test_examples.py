@@ -51,6 +51,7 @@ def test_retrain_timm_example(private_tmp, tmp_path):
     assert (tmp_path / "m" / "model.safetensors").is_file()  # kept when asked for
 
 
+@pytest.mark.slow  # > 1 minute of work on 2 cores: outside make test's budget (run with -m slow)
 def test_pytorch_ood_benchmark_example(capsys, private_tmp):
     rows = _load("pytorch_ood_benchmark").main(
         ["--model", "test_resnet", "--epochs", "1", "--max-train-samples", "64", "--detectors", "MaxSoftmax,KNN"]
@@ -72,6 +73,7 @@ def test_pytorch_ood_benchmark_example(capsys, private_tmp):
             assert printed[row["dataset"]] == pytest.approx(100 * row["AUROC"], abs=0.01)
 
 
+@pytest.mark.slow  # > 1 minute of work on 2 cores: outside make test's budget (run with -m slow)
 def test_mlflow_tracking_example(tmp_path, monkeypatch, private_tmp):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

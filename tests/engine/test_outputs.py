@@ -94,6 +94,8 @@ def test_a_stale_model_is_refused_unless_named(finished, tmp_path, monkeypatch, 
     "argv, needle",
     [(["evaluate", "--register-model", "m"], "--register-model"),
      (["compare", "--register-model", "m", *TINY], "--register-model"),
+     (["evaluate", "--alias", "champion"], "--alias"),
+     (["compare", "--alias", "champion", *TINY], "--alias"),
      (["evaluate", "--image-size", "64"], "--image-size 64"),
      (["calibrate", "--channels", "1"], "--channels 1"),
      (["evaluate", "--device", "gpu"], "--device"),
@@ -141,6 +143,7 @@ def _rows(output):
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow  # > 1 minute of work on 2 cores: outside make test's budget (run with -m slow)
 def test_compare_resume_keeps_finished_models_resumes_the_interrupted_one_and_trains_the_missing(
     tmp_path, monkeypatch, capsys
 ):

@@ -128,10 +128,12 @@ def test_train_run_has_params_metric_histories_artifacts_and_models(mlflow_serve
     rows = _table(client, run.info.run_id, "ood/results.json", tmp_path)
     assert {r["dataset"] for r in rows} >= OOD_SETS
     assert {r["method"].lower() for r in rows} >= {"mps", "es", "mds", "mmls", "mmles"}
-    for row in rows:  # every row of the table is a metric of the run, with the same value
+    assert {r.get("split", "test") for r in rows} == {"test", "val"}  # digits has an OOD validation split
+    for row in rows:  # every row of the table is a metric of the run (validation rows prefixed), same value
+        prefix = "val." if row.get("split") == "val" else ""
         for key in METRIC_KEYS:
-            assert metrics[f"{row['dataset']}.{row['method']}.{key}"] == pytest.approx(row[key], abs=1e-9)
-    assert metrics["test_acc"] == pytest.approx(rows[0]["ACC"])
+            assert metrics[f"{prefix}{row['dataset']}.{row['method']}.{key}"] == pytest.approx(row[key], abs=1e-9)
+    assert metrics["test_acc"] == pytest.approx(next(r["ACC"] for r in rows if r.get("split", "test") == "test"))
     method = next(r["method"] for r in rows if r["method"].lower() == "mmles")
 
     def listing(path=None):
@@ -391,6 +393,7 @@ def test_alias_without_register_model_exits_2_with_one_line(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # > 1 minute of work on 2 cores: outside make test's budget (run with -m slow)
 def test_compare_logs_two_child_runs_and_the_table_on_the_parent(mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -427,6 +430,7 @@ def _artifacts(client, run_id, path=None):
     return out
 
 
+@pytest.mark.slow  # > 1 minute of work on 2 cores: outside make test's budget (run with -m slow)
 def test_server_stopped_during_training_loses_nothing(mlflow_server_factory, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -482,6 +486,7 @@ def test_unreachable_tracking_uri_exits_2_before_training(tmp_path, free_port):
     assert not (tmp_path / "o" / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow  # > 1 minute of work on 2 cores: outside make test's budget (run with -m slow)
 def test_only_rank_0_talks_to_mlflow_under_ddp(mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -532,6 +537,7 @@ def _guarded(tmp_path, name, argv, **env):
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
+@pytest.mark.slow  # > 1 minute of work on 2 cores: outside make test's budget (run with -m slow)
 def test_a_tracked_run_on_a_local_store_connects_nowhere_else(tmp_path):
     # the guard works: a user who opts in to MLflow's telemetry gets its outside lookup (refused here)
     (tmp_path / "opted_in.py").write_text(_OPTED_IN)

@@ -357,6 +357,7 @@ def _outage(server, tmp_path):
     assert _metric_steps(client, second.run_id, "loss") == [(1, 1.0)]
 
 
+@pytest.mark.slow  # > 1 minute of work on 2 cores: outside make test's budget (run with -m slow)
 def test_a_call_the_server_keeps_failing_is_retried_and_kept_not_an_outage(mlflow_server_factory, tmp_path,
                                                                           monkeypatch, caplog):
     blocker = tmp_path / "store"  # a file where the server's artifact folder should be: every upload fails (500)

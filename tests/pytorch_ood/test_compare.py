@@ -122,7 +122,8 @@ def test_every_model_is_scored_at_temperature_1_so_mps_equals_maxsoftmax(setup):
     torch.testing.assert_close(keep[("dismax", "MaxSoftmax")]["ID"], keep[("dismax", "MPS")]["ID"])
     msp = _rows(rows, model="dismax", method="MaxSoftmax")
     mps = _rows(rows, model="dismax", method="MPS")
-    assert [r["AUROC"] for r in msp] == pytest.approx([r["AUROC"] for r in mps], abs=1e-9)
+    # the same scores up to float32 rounding (pytorch-ood's softmax vs ours), which can reorder a near-tie
+    assert [r["AUROC"] for r in msp] == pytest.approx([r["AUROC"] for r in mps], abs=1e-4)
 
 
 class _FailingBenchmark(DigitsBenchmark):
