@@ -40,10 +40,10 @@ import torch
 from PIL import Image
 from pytorch_ood.api import BenchmarkInfo, Paper, Task
 from pytorch_ood.benchmark import Benchmark
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import Dataset
 
 from ._checks import check_channels, check_positive, check_transform
-from ._splits import holdout, split_entry, validation_set_of
+from ._splits import combined_sets, holdout, split_entry, validation_set_of
 
 __all__ = ["DigitsBenchmark"]
 
@@ -316,10 +316,4 @@ class DigitsBenchmark(Benchmark):
             with ``known`` only, the ID test set, once. OOD samples are labelled ``-1``.
         :raises ValueError: if both ``known`` and ``unknown`` are false
         """
-        if known and unknown:
-            return [ConcatDataset([self.test_in, other]) for other in self.test_oods]
-        if known:
-            return [self.test_in]
-        if unknown:
-            return list(self.test_oods)
-        raise ValueError("At least one of `known` or `unknown` must be True")
+        return combined_sets(self.test_in, self.test_oods, known, unknown)

@@ -37,11 +37,11 @@ import logging
 import os
 
 from pytorch_ood.benchmark import Benchmark
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import Dataset
 
 from ._checks import check_transform
 from ._files import LabelledImages, UnlabelledImages, image_files, is_hidden, verify_images
-from ._splits import TEST_FRACTION, VAL_FRACTION, holdout, split_entry, validation_set_of
+from ._splits import TEST_FRACTION, VAL_FRACTION, combined_sets, holdout, split_entry, validation_set_of
 
 __all__ = ["FolderBenchmark"]
 
@@ -208,13 +208,7 @@ class FolderBenchmark(Benchmark):
 
         :raises ValueError: if both ``known`` and ``unknown`` are false
         """
-        if not (known or unknown):
-            raise ValueError("At least one of `known` or `unknown` must be True")
-        if not unknown:
-            return [self._id["test"]]
-        if not known:
-            return list(self._ood)
-        return [ConcatDataset([self._id["test"], ood]) for ood in self._ood]
+        return combined_sets(self._id["test"], self._ood, known, unknown)
 
     def split_info(self) -> dict:
         """The JSON record of the splits (:mod:`._splits`): sources, sizes and file-list digests."""

@@ -192,6 +192,22 @@ def describe_split(info: dict) -> list[str]:
     ]
 
 
+def combined_sets(id_set: Dataset, ood_sets: Sequence[Dataset], known: bool, unknown: bool) -> list[Dataset]:
+    """pytorch-ood's ``Benchmark.test_sets`` rule on one ID set and its OOD sets: with ``known`` and ``unknown``,
+    ``ConcatDataset([id_set, ood])`` per OOD set; with ``known`` only, ``[id_set]``; with ``unknown`` only, the
+    OOD sets.
+
+    :raises ValueError: if both ``known`` and ``unknown`` are false
+    """
+    if known and unknown:
+        return [ConcatDataset([id_set, ood]) for ood in ood_sets]
+    if known:
+        return [id_set]
+    if unknown:
+        return list(ood_sets)
+    raise ValueError("At least one of `known` or `unknown` must be True")
+
+
 def validation_set_of(val: Dataset, ood_val: Sequence[Dataset]) -> Dataset | None:
     """``val`` followed by every set of ``ood_val`` (OOD labelled < 0), or ``None`` without ``ood_val``."""
     return ConcatDataset([val, *ood_val]) if ood_val else None
@@ -219,10 +235,4 @@ class ValidationView(Benchmark):
 
     def test_sets(self, known: bool = True, unknown: bool = True) -> list[Dataset]:
         """As pytorch-ood's ``test_sets``, on the validation splits."""
-        if known and unknown:
-            return [ConcatDataset([self._id, ood]) for ood in self._ood]
-        if known:
-            return [self._id]
-        if unknown:
-            return list(self._ood)
-        raise ValueError("At least one of `known` or `unknown` must be True")
+        return combined_sets(self._id, self._ood, known, unknown)
