@@ -1,0 +1,49 @@
+"""benchmarks/head_cost.py: its floor step computes what it claims, and a tiny run prints the tables and verdicts."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "head_cost.py"
+
+
+@pytest.fixture(scope="module")
+def head_cost():
+    """benchmarks/head_cost.py imported in this process (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("head_cost", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_floor_step_has_linears_output_and_the_documented_gradients(head_cost):
+    torch.manual_seed(0)
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, 3, dtype=torch.float64)
+    out = head_cost.FloorStep.apply(x, w)
+    torch.testing.assert_close(out, x.detach() @ w.detach().t())
+    out.backward(g)
+    torch.testing.assert_close(x.grad, g.sum(1, keepdim=True) * x.detach() + g @ w.detach())
+    torch.testing.assert_close(w.grad, g.sum(0).unsqueeze(1) * w.detach() + g.t() @ x.detach())
+
+
+def test_every_head_shares_linears_weight(head_cost):
+    linear, heads = head_cost.build(16, 10)
+    assert set(heads) == {"IsoMax", "IsoMax+", "DisMax"}
+    for head in heads.values():
+        assert head.training and getattr(head, head_cost._weight_name(head)) is linear.weight
+
+
+def test_a_tiny_run_prints_floor_heads_and_verdicts(head_cost, capsys):
+    assert head_cost.main(["--configs", "8,16,10", "--no-large", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "floor (Linear's 3 products" in out
+    assert "| head | realistic vs Linear | realistic vs floor | worst vs Linear | worst vs floor |" in out
+    for name in ("IsoMax", "IsoMax+", "DisMax"):
+        assert f"- {name} realistic at C=10: " in out
+        assert f"- {name} worst at C=10: " in out and "no target" in out
