@@ -5,6 +5,7 @@ Usage::
     python benchmarks/head_cost.py             # the table of docs/notes/perf.md (a few minutes on 2 cores)
     python benchmarks/head_cost.py --quick     # fewer rounds, no worst case at C = 21841
     python benchmarks/head_cost.py --profile 256,2048,1000   # where the time goes, per head
+    python benchmarks/head_cost.py --split 256,2048,1000     # forward and backward apart, vs the floor
 
 What is measured:
 
@@ -277,6 +278,41 @@ def profile_breakdown(config: tuple[int, int, int], steps: dict, rounds: int = 7
     print("| **sum of the medians** | " + " | ".join(f"{t:.2f}" for t in totals) + " |")
 
 
+def split_forward_backward(config: tuple[int, int, int], rounds: int = 22, warmup: int = 3) -> None:
+    """Forward and backward timed apart (process CPU time, interleaved, order rotating), each against the floor's
+    forward and backward of the same round: which half of a head's step is above the floor."""
+    batch, dim, classes = config
+    linear, heads = build(dim, classes)
+    upstream = torch.randn(batch, classes, generator=torch.Generator().manual_seed(2))
+    x = features(batch, dim, linear.weight, "realistic", "")
+    calls = {"floor": lambda: FloorStep.apply(x, linear.weight), "Linear": lambda: linear(x),
+             **{name: (lambda head=head: head(x)) for name, head in heads.items()}}  # fmt: skip
+    names, times = list(calls), {name: ([], []) for name in calls}
+    for r in range(warmup + rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            for module in (linear, *heads.values()):
+                module.zero_grad(set_to_none=True)
+            x.grad = None
+            start = time.process_time()
+            out = calls[name]()
+            middle = time.process_time()
+            out.backward(upstream)
+            end = time.process_time()
+            if r >= warmup:
+                times[name][0].append(middle - start)
+                times[name][1].append(end - middle)
+    print(f"\nForward and backward apart at (B, D, C) = {config}, realistic case, median of {rounds} interleaved "
+          "rounds; ratios to the floor's forward / backward of the same round\n")
+    print("| variant | forward ms | forward vs floor | backward ms | backward vs floor |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        cells = []
+        for half in (0, 1):
+            ratio = statistics.median(a / b for a, b in zip(times[name][half], times["floor"][half]))
+            cells += [f"{statistics.median(times[name][half]) * 1e3:.2f}", f"{ratio:.3f}×"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 # ------------------------------------------------------------------------------------------- report
 def _ratio_text(samples: dict, name: str, base: str = "Linear") -> str:
     median, q1, q3 = paired(samples[name], samples[base])
@@ -356,9 +392,13 @@ def main(argv=None) -> int:
     parser.add_argument("--no-heads", action="store_true", help="skip the head tables (only the 100k classes)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--profile", metavar="B,D,C", help="print where the time goes at this shape and exit")
+    parser.add_argument("--split", metavar="B,D,C", help="time forward and backward apart at this shape and exit")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     configs = [tuple(int(v) for v in c.split(",")) for c in args.configs] if args.configs else list(CONFIGS)
+    if args.split:
+        split_forward_backward(tuple(int(v) for v in args.split.split(",")))
+        return 0
     if args.profile:
         config = tuple(int(v) for v in args.profile.split(","))
         steps = head_variants(*config, ("realistic",))

@@ -16,7 +16,9 @@ checkpoints:`` line of timm's ``CheckpointSaver``. At each such line the benchma
 consecutive lines, so start-up, the first epoch (the reference point, not timed) and what ``dismax train`` does
 after training (calibration, evaluation, saving the model) are left out. Runs alternate between the programs
 (order flipped each repetition); the medians over every timed epoch of ``--reps`` runs are compared, CPU time
-first (one thread: robust to other processes on a shared machine), wall clock next to it. Both run with
+first (one thread: robust to other processes on a shared machine), wall clock next to it, and the spread of
+the per-repetition ratios (each repetition's median epochs, the two programs run back to back) is printed
+with them. Both run with
 ``OMP_NUM_THREADS=1`` / ``MKL_NUM_THREADS=1`` (one intra-op thread), ``--workers 0``, on the CPU.
 
 Matched settings: ``resnet10t_dismax`` (train.py, via ``--device-modules dismax_plugin.adapters.timm.register``)
@@ -144,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fpr:
         programs["dismax+fpr"] = lambda out, e: dismax_command(data, out, e, args, fpr=True)
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in programs}
+    per_rep: dict[str, list[float]] = {name: [] for name in programs}  # each rep's median epoch CPU time
     load = [os.getloadavg()[0]]
     for rep in range(args.reps):
         order = list(programs) if rep % 2 == 0 else list(reversed(programs))
@@ -155,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             if len(times) != args.epochs - 1:
                 sys.exit(f"train_py_epoch.py: {name} logged {len(times) + 1} of {args.epochs} epochs")
             results[name] += times
+            per_rep[name].append(statistics.median(c for c, _ in times))
             print(f"rep {rep + 1} {name:11s} epochs 2-{args.epochs}: CPU "
                   + " ".join(f"{c:.2f}" for c, _ in times) + " s; wall " + " ".join(f"{w:.2f}" for _, w in times),
                   flush=True)  # fmt: skip
@@ -169,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in programs:
         if name != "train.py":
             ratio_cpu, ratio_wall = medians[name][0] / base[0], medians[name][1] / base[1]
-            print(f"ratio {name}/train.py: CPU {ratio_cpu:.3f}x, wall {ratio_wall:.3f}x")
+            reps = sorted(a / b for a, b in zip(per_rep[name], per_rep["train.py"]))
+            print(f"ratio {name}/train.py: CPU {ratio_cpu:.3f}x, wall {ratio_wall:.3f}x; per rep (CPU, same rep's "
+                  f"medians) {statistics.median(reps):.3f}x, range {reps[0]:.3f}-{reps[-1]:.3f}x")
     shutil.rmtree(scratch, ignore_errors=True)
     return 0
 

@@ -47,3 +47,11 @@ def test_a_tiny_run_prints_floor_heads_and_verdicts(head_cost, capsys):
     for name in ("IsoMax", "IsoMax+", "DisMax"):
         assert f"- {name} realistic at C=10: " in out
         assert f"- {name} worst at C=10: " in out and "no target" in out
+
+
+def test_split_times_forward_and_backward_against_the_floor(head_cost, capsys):
+    assert head_cost.main(["--split", "8,16,10"]) == 0
+    out = capsys.readouterr().out
+    assert "| floor | " in out and "| 1.000× |" in out
+    for name in ("Linear", "IsoMax", "IsoMax+", "DisMax"):
+        assert f"| {name} | " in out
