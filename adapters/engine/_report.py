@@ -38,10 +38,10 @@ log = logging.getLogger("dismax_plugin.adapters.engine.cli")
 
 def detector_names(text: str | None) -> list[str]:
     """``--detectors`` (comma list, or ``all``) as pytorch-ood detector names; ``[]`` when empty."""
-    from ..pytorch_ood import check_detectors
-
     if not (text or "").strip():
         return []
+    from ..pytorch_ood import check_detectors
+
     try:
         return check_detectors(text)
     except (TypeError, ValueError) as error:
