@@ -20,10 +20,10 @@ import torch
 from dismax_plugin.adapters import timm as dtimm
 from dismax_plugin.adapters.mlflow import preprocess_images
 
-TINY = ["--model", "test_resnet", "--batch-size", "32", "--max-train-samples", "64"]
+TINY = ["--model", "test_resnet", "--batch-size", "32", "--max-train-samples", "64", "--image-size", "16"]
 PARAMS = {
     "model": "test_resnet", "head": "dismax", "loss": "dismax", "entropic_scale": "10.0", "fpr": "True",
-    "optimizer": "sgd", "lr": "0.05", "scheduler": "cosine", "batch_size": "32", "image_size": "32", "seed": "0",
+    "optimizer": "sgd", "lr": "0.05", "scheduler": "cosine", "batch_size": "32", "image_size": "16", "seed": "0",
     "data": "digits",
 }  # fmt: skip
 OOD_SETS = {"digits_6_9", "image_patches", "gaussian_noise", "uniform_noise"}
