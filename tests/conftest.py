@@ -1,8 +1,9 @@
 """Shared pytest fixtures.
 
 MLflow: :class:`MlflowServer` runs a real ``mlflow server`` (sqlite store, local artifact root) on
-127.0.0.1 in its own process group. The session fixture ``mlflow_server`` starts one for the whole
-session (~15 s) and gives its URI (``mlflow_server_process`` gives the server itself, for a test that
+127.0.0.1 in its own process group. The session fixture ``mlflow_server`` gives the URI of one server for the
+whole session (started in the background right after collection when a selected test needs it: it boots, ~15 s,
+while the tests before it run) (``mlflow_server_process`` gives the server itself, for a test that
 stops and restarts it); ``mlflow_server_factory`` makes more on demand. Every server is stopped by the
 test session.
 """
@@ -60,6 +61,9 @@ class MlflowServer:
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         env["MLFLOW_DISABLE_TELEMETRY"] = "true"  # nothing leaves this machine
+        # no job runner: MLflow 3 would start seven huey consumer processes (GenAI jobs, unused here) per server,
+        # each importing MLflow, which costs a 2-core machine ~20 s of CPU at every start
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
         self._log = open(self.root / "server.log", "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             command, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.root, start_new_session=True
@@ -112,10 +116,28 @@ class MlflowServer:
             time.sleep(0.1)
 
 
+#: the session's server, started in the background as soon as the collected tests are known to need it
+_SESSION_SERVER: list[MlflowServer] = []
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` / `-k` deselected what will not run
+def pytest_collection_modifyitems(session, config, items):
+    """Start the session's ``mlflow server`` now if a selected test uses it: it boots (~15 s) while the tests
+    before the first MLflow test run, instead of in that test's setup."""
+    if any("mlflow_server_process" in getattr(item, "fixturenames", ()) for item in items):
+        root = config._tmp_path_factory.mktemp("mlflow_server")  # the tmp_path_factory fixture's own factory
+        _SESSION_SERVER.append(MlflowServer(root).start())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for server in _SESSION_SERVER:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def mlflow_server_process(tmp_path_factory):
     """The session's :class:`MlflowServer` (started, healthy). A test that stops it must restart it."""
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server")).start()
+    server = _SESSION_SERVER[0] if _SESSION_SERVER else MlflowServer(tmp_path_factory.mktemp("mlflow_server")).start()
     try:
         server.wait(240)  # a loaded machine starts it slowly
         yield server

@@ -38,10 +38,10 @@ log = logging.getLogger("dismax_plugin.adapters.engine.cli")
 
 def detector_names(text: str | None) -> list[str]:
     """``--detectors`` (comma list, or ``all``) as pytorch-ood detector names; ``[]`` when empty."""
-    from ..pytorch_ood import check_detectors
-
     if not (text or "").strip():
         return []
+    from ..pytorch_ood import check_detectors
+
     try:
         return check_detectors(text)
     except (TypeError, ValueError) as error:
@@ -92,9 +92,9 @@ def evaluate_model(model, data, *, name: str | None = None, batch_size: int = 25
 
 
 def log_evaluation(tracker: Tracker, evaluation: dict, calibration: dict | None) -> None:
-    """The table, its metrics, score histograms, ROC curves and reliability diagrams, to ``tracker``."""
+    """The table, its metrics, score histograms, ROC curves and reliability diagrams, to ``tracker`` (the
+    figures only to a tracker that keeps them: see :attr:`.tracking.Tracker.keeps_figures`)."""
     from ..pytorch_ood import METRIC_KEYS
-    from .figures import reliability_diagram, roc_curves, score_histogram
 
     rows = evaluation["rows"]
     tracker.log_table(rows, "ood/results.json")
@@ -104,6 +104,14 @@ def log_evaluation(tracker: Tracker, evaluation: dict, calibration: dict | None)
     first = next(r for r in rows if r.get("split", "test") == "test")
     metrics.update(test_acc=first["ACC"], test_ece=first["ECE"])
     tracker.log_metrics(metrics)
+    if getattr(tracker, "keeps_figures", True):
+        _log_figures(tracker, evaluation, calibration)
+
+
+def _log_figures(tracker: Tracker, evaluation: dict, calibration: dict | None) -> None:
+    """Per method a score histogram and ROC curves; the reliability diagrams before and after calibration."""
+    from .figures import reliability_diagram, roc_curves, score_histogram
+
     for (_, method), per_set in evaluation["scores"].items():
         # figures show in-distribution scores (larger = more in-distribution): negate pytorch-ood's sign
         id_scores = (-per_set["ID"]).numpy()

@@ -1,5 +1,8 @@
 """The ``dismax`` subcommands (train, compare, evaluate, calibrate, import): each composes config, data, training,
-evaluation and tracking, in that order, and returns the exit code."""
+evaluation and tracking, in that order, and returns the exit code.
+
+The training loop (and with it the data sets, pytorch-ood and torchvision) is imported only once the options
+and the tracking URI are checked, so bad input exits with code 2 before that import."""
 
 from __future__ import annotations
 
@@ -13,7 +16,6 @@ from ._checkpoint import CHECKPOINT
 from ._distributed import is_main_process, resolve_device
 from .config import CompareOptions, ConfigError, TrainConfig, parse_list, train_config
 from .tracking import Tracker, make_tracker, tracked
-from .training import train
 
 __all__ = ["COMMANDS", "evaluate_model", "run_command"]
 
@@ -34,6 +36,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _train_and_report(cfg: TrainConfig, tracker: Tracker, detectors: list[str], quiet: bool = False):
     """Train, evaluate (native scores, or ``detectors`` for a linear head) and log; returns (result, rows)."""
+    from .training import train
+
     result = train(cfg, tracker)
     if not is_main_process():
         return result, []

@@ -46,6 +46,13 @@ class Tracker:
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         """A matplotlib figure, e.g. ``ood/histogram_digits_6_9.png``."""
 
+    @property
+    def keeps_figures(self) -> bool:
+        """Whether :meth:`log_figure` keeps its figures: ``False`` for this no-op tracker (the engine then draws
+        none for it), ``True`` for a subclass that overrides :meth:`log_figure`. A duck-typed tracker without
+        this property counts as keeping them."""
+        return type(self).log_figure is not Tracker.log_figure
+
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         """A local file or folder (e.g. the checkpoint)."""
 

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from ..timm.preprocessing import eval_transform, to_8bit
 from ._layouts import split_images
 
 __all__ = ["check_preprocessing", "model_examples", "preprocess_images"]
@@ -40,6 +39,8 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
             )
         return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
     if image.dtype == np.uint16:  # 16-bit images: the rule of image files (timm adapter's preprocessing)
+        from ..timm.preprocessing import to_8bit
+
         return to_8bit(image)
     if image.dtype != np.uint8:
         low, high = int(image.min()), int(image.max())
@@ -105,6 +106,8 @@ def _stack(images: list[np.ndarray], preprocessing: dict, transform):
     converts each PIL image to ``RGB`` or ``L``)."""
     import torch
     from PIL import Image
+
+    from ..timm.preprocessing import eval_transform
 
     transform = transform or eval_transform(preprocessing)
     return torch.stack([transform(Image.fromarray(image)) for image in images]).float()

@@ -10,7 +10,8 @@ import torch
 
 from dismax_plugin.adapters.engine.cli import main
 
-TINY = ["--model", "test_resnet", "--epochs", "1", "--batch-size", "32", "--max-train-samples", "64", "--no-track"]
+TINY = ["--model", "test_resnet", "--epochs", "1", "--batch-size", "32", "--max-train-samples", "64",
+        "--image-size", "16", "--no-track"]  # fmt: skip
 
 
 def _run(argv, capsys):

@@ -123,3 +123,47 @@ def test_near_far_auroc_draws_paired_bars_with_seed_error_bars():
         figures.near_far_auroc([{"model": "ce"}])
     figures.close(fig)
     figures.close(taller)
+
+
+def _evaluation():
+    """A minimal :func:`_report.evaluate_model` result: one test row, the scores of one method, calibration."""
+    rng = np.random.default_rng(2)
+    row = {"dataset": "noise", "method": "MPS", "split": "test", "ACC": 0.5, "ECE": 0.1,
+           **dict.fromkeys(("AUROC", "AUPR-IN", "AUPR-OUT", "FPR95-ID", "FPR95TPR"), 0.5)}  # fmt: skip
+    per_set = {"ID": torch.tensor(rng.normal(0, 1, 40)), "noise": torch.tensor(rng.normal(1, 1, 20))}
+    scores = {("dismax", "MPS"): per_set}
+    calibration = {"val_logits": torch.tensor(rng.normal(0, 1, (30, 3))), "val_labels": torch.arange(30) % 3,
+                   "temperature": 2.0}  # fmt: skip
+    return {"rows": [row], "scores": scores, "notes": []}, calibration
+
+
+def test_figures_are_drawn_only_for_a_tracker_that_keeps_them(monkeypatch):
+    from dismax_plugin.adapters.engine import _report
+    from dismax_plugin.adapters.engine.tracking import Tracker
+
+    class Recording(Tracker):
+        def __init__(self):
+            self.figures, self.metrics = {}, {}
+
+        def log_metrics(self, metrics, step=None, *, dataset=None):
+            self.metrics.update(metrics)
+
+        def log_figure(self, figure, artifact_file):
+            self.figures[artifact_file] = _png(figure)[:4]
+            figures.close(figure)
+
+    evaluation, calibration = _evaluation()
+    recording = Recording()
+    assert recording.keeps_figures and not Tracker().keeps_figures
+    _report.log_evaluation(recording, evaluation, calibration)
+    assert recording.figures == dict.fromkeys(["ood/histogram_MPS.png", "ood/roc_MPS.png",
+                                               "calibration/reliability_before.png",
+                                               "calibration/reliability_after.png"], b"\x89PNG")  # fmt: skip
+    assert recording.metrics["noise.MPS.AUROC"] == 0.5 and recording.metrics["test_acc"] == 0.5
+
+    def no_drawing(*args, **kwargs):
+        raise AssertionError("a figure was drawn for a tracker that keeps none")
+
+    for name in ("score_histogram", "roc_curves", "reliability_diagram"):
+        monkeypatch.setattr(figures, name, no_drawing)
+    _report.log_evaluation(Tracker(), evaluation, calibration)  # the untracked run (--no-track): no figure drawn

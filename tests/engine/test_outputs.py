@@ -18,7 +18,7 @@ from dismax_plugin.adapters.engine import training
 from dismax_plugin.adapters.engine.cli import main
 
 TINY = ["--model", "test_resnet", "--epochs", "1", "--batch-size", "16", "--max-train-samples", "32", "--no-track",
-        "--device", "cpu"]  # fmt: skip
+        "--image-size", "16", "--device", "cpu"]  # fmt: skip
 
 
 def _run(argv, capsys):

@@ -20,7 +20,7 @@ from dismax_plugin.adapters.engine import _report, training
 from dismax_plugin.adapters.engine.cli import main
 
 TINY = ["--model", "test_resnet", "--epochs", "2", "--batch-size", "16", "--max-train-samples", "32",
-        "--device", "cpu"]  # fmt: skip
+        "--image-size", "16", "--device", "cpu"]  # fmt: skip
 
 
 def _terminate_at(monkeypatch, module, name, when=lambda *a, **k: True):

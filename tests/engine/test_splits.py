@@ -133,7 +133,7 @@ def test_folder_data_takes_the_benchmark_splits_drawn_with_the_run_seed(tmp_path
 def digits_run(tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("score") / "run"
     code = main(["train", "--model", "test_resnet", "--epochs", "1", "--batch-size", "32", "--max-train-samples",
-                 "96", "--no-track", "--output", str(out)])  # fmt: skip
+                 "96", "--image-size", "16", "--no-track", "--output", str(out)])  # fmt: skip
     assert code == 0
     return out
 

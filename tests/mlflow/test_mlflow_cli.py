@@ -20,10 +20,10 @@ import torch
 from dismax_plugin.adapters import timm as dtimm
 from dismax_plugin.adapters.mlflow import preprocess_images
 
-TINY = ["--model", "test_resnet", "--batch-size", "32", "--max-train-samples", "64"]
+TINY = ["--model", "test_resnet", "--batch-size", "32", "--max-train-samples", "64", "--image-size", "16"]
 PARAMS = {
     "model": "test_resnet", "head": "dismax", "loss": "dismax", "entropic_scale": "10.0", "fpr": "True",
-    "optimizer": "sgd", "lr": "0.05", "scheduler": "cosine", "batch_size": "32", "image_size": "32", "seed": "0",
+    "optimizer": "sgd", "lr": "0.05", "scheduler": "cosine", "batch_size": "32", "image_size": "16", "seed": "0",
     "data": "digits",
 }  # fmt: skip
 OOD_SETS = {"digits_6_9", "image_patches", "gaussian_noise", "uniform_noise"}
@@ -39,6 +39,23 @@ def _dismax(*argv, env=None, timeout=400, cwd=None):
         env={**os.environ, **(env or {})},
         cwd=cwd,
     )
+
+
+_HEAVY = ("timm", "pytorch_ood", "torchvision", "mlflow")
+_IMPORTED_AT_EXIT = (
+    "import runpy, sys\n"
+    "try:\n    runpy.run_module('dismax_plugin', run_name='__main__')\n"
+    "except SystemExit:\n"
+    f"    print(sorted(m for m in {_HEAVY!r} if m in sys.modules))\n"
+    "    raise\n"
+)
+
+
+def _dismax_imports(*argv):
+    """``dismax *argv`` as :func:`_dismax`, and which of the heavy libraries it had imported when it exited."""
+    proc = subprocess.run([sys.executable, "-c", _IMPORTED_AT_EXIT, *argv], capture_output=True, text=True,
+                          timeout=400)  # fmt: skip
+    return proc, json.loads(proc.stdout.strip().splitlines()[-1].replace("'", '"'))
 
 
 def _runs(client, experiment):
@@ -385,12 +402,13 @@ def test_dismax_ood_evaluator_from_its_entry_point_logs_metrics_and_gates_a_cand
 
 
 def test_alias_without_register_model_exits_2_with_one_line(tmp_path):
-    proc = _dismax("train", *TINY, "--epochs", "1", "--output", str(tmp_path / "o"), "--no-track",
-                   "--alias", "champion")  # fmt: skip
+    proc, imported = _dismax_imports("train", *TINY, "--epochs", "1", "--output", str(tmp_path / "o"),
+                                     "--no-track", "--alias", "champion")  # fmt: skip
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--alias champion needs --register-model" in lines[0], proc.stderr
     assert not (tmp_path / "o").exists()
+    assert imported == []  # refused before any data, model or tracking library is loaded: fast
 
 
 @pytest.mark.slow  # > 1 minute of work on 2 cores: outside make test's budget (run with -m slow)
@@ -477,13 +495,13 @@ def test_server_stopped_during_training_loses_nothing(mlflow_server_factory, tmp
 
 
 def test_unreachable_tracking_uri_exits_2_before_training(tmp_path, free_port):
-
-    proc = _dismax("train", *TINY, "--epochs", "1", "--output", str(tmp_path / "o"),
-                   "--tracking-uri", f"http://127.0.0.1:{free_port()}")  # fmt: skip
+    proc, imported = _dismax_imports("train", *TINY, "--epochs", "1", "--output", str(tmp_path / "o"),
+                                     "--tracking-uri", f"http://127.0.0.1:{free_port()}")  # fmt: skip
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--tracking-uri" in lines[0] and "127.0.0.1" in lines[0]
     assert not (tmp_path / "o" / "checkpoint.pt").exists()
+    assert imported == ["mlflow"]  # only MLflow, to ask the server: no data set, model or timm loaded first
 
 
 @pytest.mark.slow  # > 1 minute of work on 2 cores: outside make test's budget (run with -m slow)

@@ -268,8 +268,10 @@ def test_tracker_logs_run_children_and_servable_model(mlflow_server, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- outages
-def test_outage_queues_then_resends_or_falls_back(mlflow_server_process, tmp_path):
+def test_outage_queues_then_resends_or_falls_back(mlflow_server_process, tmp_path, monkeypatch):
     server = mlflow_server_process  # the session's server: killed, then restarted on its port and store
+    # MLflow's own retries of a refused connection (the tracker's default: 2, with backoff) only cost seconds here
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     try:
         _outage(server, tmp_path)
     finally:
