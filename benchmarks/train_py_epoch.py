@@ -31,7 +31,8 @@ timed epochs either way, kept short). ``--fpr`` times ``dismax train`` with FPR 
 
 .. code-block:: bash
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_py_epoch.py --timm-repo /tmp/timm-src --reps 3
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_py_epoch.py --timm-repo /tmp/timm-src --reps 6
+    .venv/bin/python benchmarks/train_py_epoch.py --ops   # the operators of one training step of each
 """
 
 from __future__ import annotations
@@ -124,9 +125,57 @@ def epoch_times(command: list[str], done: re.Pattern, log: Path) -> list[tuple[f
     return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks, marks[1:])]
 
 
+def operator_counts(batch_size: int = 50, image_size: int = 32) -> dict[str, dict[str, int]]:
+    """Operators of one training step (forward, loss, backward, SGD step) as each program builds it, on the same
+    random batch, counted with ``torch.profiler``: train.py's ``resnet10t_dismax`` + ``nn.CrossEntropyLoss`` +
+    ``create_optimizer_v2``, and ``dismax train``'s model, loss and optimiser from the engine's own builders with
+    the matched settings. Returns ``{program: {operator: calls}}``."""
+    import collections
+
+    import timm
+    import torch
+    from timm.optim import create_optimizer_v2
+    from torch.profiler import ProfilerActivity, profile
+
+    import dismax_plugin.adapters.timm.register  # noqa: F401  (train.py's --device-modules)
+    from dismax_plugin.adapters.engine import _setup
+    from dismax_plugin.adapters.engine.config import TrainConfig
+
+    torch.manual_seed(0)
+    x, y = torch.randn(batch_size, 3, image_size, image_size), torch.randint(0, 6, (batch_size,))
+    cfg = TrainConfig(model="resnet10t", head="dismax", data="digits", fpr=False, lr=0.05, momentum=0.9,
+                      weight_decay=5e-4)  # fmt: skip
+    model_a = timm.create_model("resnet10t_dismax", num_classes=6)
+    opt_a = create_optimizer_v2(model_a, opt="sgd", lr=0.05, weight_decay=5e-4, momentum=0.9)
+    loss_a = torch.nn.CrossEntropyLoss()
+    model_b = _setup.build_model(cfg, 6, torch.device("cpu"))
+    opt_b, loss_b = _setup.build_optimizer(cfg, model_b), _setup.build_loss(cfg)
+
+    def train_py_step():
+        opt_a.zero_grad()
+        loss_a(model_a(x), y).backward()
+        opt_a.step()
+
+    def dismax_step():
+        opt_b.zero_grad(set_to_none=True)
+        loss_b(model_b(x), y, None).backward()
+        opt_b.step()
+
+    counts = {}
+    for name, step, model in (("train.py", train_py_step, model_a), ("dismax", dismax_step, model_b)):
+        model.train()
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        counts[name] = collections.Counter({e.key: e.count for e in prof.key_averages()})
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--timm-repo", required=True, type=Path, help="a folder with timm's train.py")
+    parser.add_argument("--timm-repo", type=Path, help="a folder with timm's train.py (required unless --ops)")
+    parser.add_argument("--ops", action="store_true",
+                        help="only compare the operators of one training step of each program, and exit")
     parser.add_argument("--data", type=Path, help="the image folder (default: the digits written to a temp folder)")
     parser.add_argument("--image-size", type=int, default=32)
     batch_help = "default 50: it divides the 650 training digits, so neither program has a partial batch"
@@ -135,7 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--fpr", action="store_true", help="also time dismax train with FPR (its default)")
     args = parser.parse_args(argv)
-    if not (args.timm_repo / "train.py").is_file():
+    if args.ops:
+        counts = operator_counts(args.batch_size, args.image_size)
+        a, b = counts["train.py"], counts["dismax"]
+        print(f"one training step: train.py {sum(a.values())} operator calls, dismax train {sum(b.values())}")
+        for op in sorted(set(a) | set(b)):
+            if a[op] != b[op]:
+                print(f"  {op}: train.py {a[op]}, dismax train {b[op]}")
+        return 0
+    if args.timm_repo is None or not (args.timm_repo / "train.py").is_file():
         parser.error(f"--timm-repo: no train.py in '{args.timm_repo}' (a pytorch-image-models checkout).")
     scratch = Path(tempfile.mkdtemp(prefix="train_py_epoch-"))
     data = args.data or write_digits_folder(scratch / "digits", args.image_size)

@@ -1,0 +1,35 @@
+"""benchmarks/train_py_epoch.py without timm's repository: its operator comparison and its argument check."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "train_py_epoch.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """benchmarks/train_py_epoch.py imported in this process (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("train_py_epoch", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_step_of_each_program_runs_the_same_model_and_nearly_the_same_operators(bench):
+    counts = bench.operator_counts(batch_size=4, image_size=16)
+    train_py, dismax = counts["train.py"], counts["dismax"]
+    assert train_py["aten::convolution"] == dismax["aten::convolution"] > 0
+    assert train_py["aten::mm"] == dismax["aten::mm"]
+    extra = sum(dismax.values()) - sum(train_py.values())
+    assert 0 <= extra <= 0.05 * sum(train_py.values()), extra  # the loss's target check and mean only
+
+
+def test_without_a_timm_checkout_it_exits_2_naming_the_option(bench, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--timm-repo", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--timm-repo" in capsys.readouterr().err
