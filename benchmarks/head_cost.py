@@ -334,8 +334,8 @@ def report_heads(config, rounds: int, cases, verdicts: list) -> None:
         for case in cases:
             key = f"{name}|{case}"
             cells += [_ratio_text(samples, key), _ratio_text(samples, key, "floor")]
-            verdicts.append((f"{name} {case} at C={config[2]}", paired(samples[key], samples["Linear"])[0],
-                             paired(samples[key], samples["floor"])[0], floor))
+            vs_linear, vs_floor = paired(samples[key], samples["Linear"])[0], paired(samples[key], samples["floor"])[0]
+            verdicts.append(("head", f"{name} {case} at C={config[2]}", case, vs_linear, vs_floor, floor))
         print(f"| {name} | " + " | ".join(cells) + " |")
     sys.stdout.flush()
 
@@ -358,22 +358,22 @@ def report_large(config, rounds: int, memory: bool, verdicts: list) -> None:
         ratio = peak / peaks["Linear"] if peaks else float("nan")
         print(f"| {label} | {_ratio_text(samples, name)} | {peak / 2**20:.1f} | {ratio:.3f}× |")
         if name != "Linear":
-            verdicts.append((f"{label} time at C={config[2]}", paired(samples[name], samples["Linear"])[0],
+            verdicts.append(("limit", f"{label} time at C={config[2]}", paired(samples[name], samples["Linear"])[0],
                              TARGETS["large time"]))
             if peaks:
-                verdicts.append((f"{label} peak memory at C={config[2]}", ratio, TARGETS["large memory"]))
+                verdicts.append(("limit", f"{label} peak memory at C={config[2]}", ratio, TARGETS["large memory"]))
 
 
 def verdict(entry: tuple) -> str:
     """A line per target: a head in the realistic case is **met** at ≤ 1.05× Linear, **at the floor** at ≤ 1.05×
     the floor of the same rounds (when the floor itself is above 1.05× Linear there), else MISSED; the worst
     case is printed for the record."""
-    if len(entry) == 3:
-        label, value, limit = entry
+    if entry[0] == "limit":  # ("limit", label, value, limit)
+        _, label, value, limit = entry
         return f"- {label}: {value:.3f}× (≤ {limit}×) {'met' if value <= limit else 'MISSED'}"
-    label, vs_linear, vs_floor, floor = entry
+    _, label, case, vs_linear, vs_floor, floor = entry  # ("head", label, case, vs Linear, vs floor, floor)
     limit = TARGETS["head"]
-    if " worst " in label:  # every feature on a prototype: B pairs recomputed exactly, reported for the record
+    if case == "worst":  # every feature on a prototype: B pairs recomputed exactly, reported for the record
         return f"- {label}: {vs_linear:.3f}× Linear, {vs_floor:.3f}× the floor (B pairs recomputed exactly; no target)"
     if vs_linear <= limit:
         state = "met"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -20,12 +19,9 @@ def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def gpu_check():
+def gpu_check(load_benchmark):
     """benchmarks/gpu_check.py imported in this process (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT.with_suffix(".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_check")
 
 
 def test_without_cuda_it_says_what_it_skipped_and_exits_0():

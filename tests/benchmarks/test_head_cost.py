@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "head_cost.py"
-
 
 @pytest.fixture(scope="module")
-def head_cost():
+def head_cost(load_benchmark):
     """benchmarks/head_cost.py imported in this process (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("head_cost", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("head_cost")
 
 
 def test_floor_step_has_linears_output_and_the_documented_gradients(head_cost):

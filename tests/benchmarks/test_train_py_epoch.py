@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "train_py_epoch.py"
 
 
 @pytest.fixture(scope="module")
-def bench():
+def bench(load_benchmark):
     """benchmarks/train_py_epoch.py imported in this process (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("train_py_epoch", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_py_epoch")
 
 
 def test_one_step_of_each_program_runs_the_same_model_and_nearly_the_same_operators(bench):
