@@ -3,7 +3,7 @@
 Sections, each printing ratios measured side by side (interleaved rounds, medians of per-round ratios):
 
 1. **heads**: forward + backward of IsoMax, IsoMax+ and DisMax heads vs ``nn.Linear`` at B = 256, D = 2048,
-   C = 1000 / 21841 / 100000, in float32 (with the floor of ``head_cost.py``, measured side by side) and
+   C = 1000 / 21841 / 100000, in float32 (with the two floors of ``head_cost.py``, measured side by side) and
    under bfloat16 and float16 autocast; peak CUDA memory of one step vs Linear's.
 2. **nccl**: ``init_process_group("nccl")`` with world size 1 (a file store), an ``all_reduce`` and one DDP step
    of a DisMax head.
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from head_cost import HEADS, FloorStep  # noqa: E402  (benchmarks/ is not a package)
+from head_cost import FLOORS, HEADS  # noqa: E402  (benchmarks/ is not a package)
 
 SECTIONS = ("heads", "nccl", "fp16", "compile")
 FULL = {"batch": 256, "dim": 2048, "classes": (1000, 21841, 100000), "arch": "resnet50", "image": 224,
@@ -114,19 +114,19 @@ def _head_steps(device, batch, dim, classes, mode):
         setattr(head, weight, linear.weight)  # one shared C x D matrix: memory for one
         modules[name] = head
 
-    def step_of(module, floor=False):
+    def step_of(module, floor=None):
         def step():
             module.zero_grad(set_to_none=True)
             x.grad = None
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                out = FloorStep.apply(x, module.weight) if floor else module(x)
+                out = FLOORS[floor].apply(x, module.weight) if floor else module(x)
             out.float().backward(upstream)
 
         return step
 
     steps = {name: step_of(module) for name, module in modules.items()}
-    if mode == "float32":  # the floor: Linear's products plus the passes a distance's gradient needs
-        steps["floor"] = step_of(linear, floor=True)
+    if mode == "float32":  # the floors: Linear's products plus the passes a distance's gradient needs
+        steps.update({name: step_of(linear, floor=name) for name in FLOORS})
     return steps
 
 
@@ -134,8 +134,9 @@ def section_heads(device, sizes, deadline) -> None:
     clock = Clock(device)
     print("\n## 1. Heads: forward + backward vs nn.Linear (B, D = "
           f"{sizes['batch']}, {sizes['dim']}); time ratio, peak-memory ratio\n")
-    print("| C | mode | " + " | ".join(f"{name} time | {name} memory" for name in HEADS) + " | floor (fp32) |")
-    print("|---" * (2 * len(HEADS) + 3) + "|")
+    columns = [f"{name} time | {name} memory" for name in HEADS] + [f"{name} (fp32)" for name in FLOORS]
+    print("| C | mode | " + " | ".join(columns) + " |")
+    print("|---" * (2 * len(HEADS) + 4) + "|")
     for classes in sizes["classes"]:
         for mode in ("float32", "bf16", "fp16"):
             if time.monotonic() > deadline:
@@ -145,8 +146,8 @@ def section_heads(device, sizes, deadline) -> None:
             samples = interleaved(clock, steps, sizes["rounds"])
             peaks = {name: clock.peak(steps[name]) for name in ("Linear", *HEADS)}
             cells = [f"{_fmt(ratio(samples, n, 'Linear'))} | {_fmt(peaks[n] / peaks['Linear'])}" for n in HEADS]
-            floor = _fmt(ratio(samples, "floor", "Linear")) if "floor" in samples else "-"
-            print(f"| {classes} | {mode} | " + " | ".join(cells) + f" | {floor} |")
+            floors = [_fmt(ratio(samples, name, "Linear")) if name in samples else "-" for name in FLOORS]
+            print(f"| {classes} | {mode} | " + " | ".join(cells + floors) + " |")
             sys.stdout.flush()
             del steps
             if device.type == "cuda":

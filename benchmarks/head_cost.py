@@ -42,7 +42,6 @@ matrix (Linear's weight), so memory stays at one C x D parameter and one gradien
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import math
@@ -57,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dismax_plugin import DisMaxHead, IsoMaxHead, IsoMaxPlusHead
+from dismax_plugin.adapters.engine._memory import keep_freed_memory
 
 CONFIGS = ((256, 2048, 1000), (64, 2048, 21841))
 LARGE = (64, 2048, 100000)
@@ -419,21 +419,6 @@ def verdict(entry: tuple) -> str:
     return text + f" (≤ {limit}×) {state}"
 
 
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory in the process (``mallopt``: trim threshold 256 MiB, mmap threshold 32 MiB,
-    both fixed), as PyTorch's caching allocator does on an accelerator. glibc's default thresholds move with
-    the allocation history, so the same step sometimes returns its buffers to the system and page-faults
-    them back (measured: 0 to ~1500 faults per backward, depending on the variants run before) and sometimes
-    not; fixed, no step of these benchmarks page-faults after its warm-up. Returns whether it was applied
-    (False off glibc)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        trim, mmap = -1, -3  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD (malloc.h)
-        return bool(libc.mallopt(trim, 256 << 20)) and bool(libc.mallopt(mmap, 32 << 20))
-    except (OSError, AttributeError):
-        return False
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds; no worst case at C=21841")
@@ -444,7 +429,8 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", metavar="B,D,C", help="print where the time goes at this shape and exit")
     parser.add_argument("--split", metavar="B,D,C", help="time forward and backward apart at this shape and exit")
     parser.add_argument("--system-malloc", action="store_true",
-                        help="leave glibc's malloc thresholds as they are (see keep_freed_memory)")
+                        help="leave glibc's malloc thresholds as they are (by default they are fixed, as the dismax "
+                             "command does: dismax_plugin/adapters/engine/_memory.py)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     kept = False if args.system_malloc else keep_freed_memory()

@@ -135,6 +135,9 @@ def _configure_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run ``dismax`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     args = build_parser().parse_args(argv)
+    from ._memory import keep_freed_memory
+
+    keep_freed_memory()  # freed memory reused, not page-faulted back every step (glibc; see _memory)
     _configure_logging()
     from ._signals import GaveUp, Interrupted, SignalPolicy
     from .commands import run_command

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
-from dismax_plugin import distances
+from dismax_plugin import _normalized_backward, distances
 from dismax_plugin.distances import (
     _euclidean_reference,
     _EuclideanDistances,
@@ -362,7 +362,7 @@ def scaled_plain(kind, x, p, scale):
 @pytest.mark.parametrize("kind", ["euclidean", "normalized", "dismax"])
 def test_scale_and_mean_inside_the_node_match_the_plain_expression(kind, scale, dim, classes, blocks, monkeypatch):
     if blocks != "one":
-        monkeypatch.setattr(distances, "_BLOCK_ELEMENTS", 2 * classes)
+        monkeypatch.setattr(_normalized_backward, "_BLOCK_ELEMENTS", 2 * classes)
     x, p = randn(6, dim, seed=46), randn(classes, dim, seed=47)
     x[0] = p[1] * (1.0 if kind == "euclidean" else 2.0) + 1e-4  # flagged pairs, in two blocks
     x[5] = p[3] * (1.0 if kind == "euclidean" else 0.5) - 1e-4
