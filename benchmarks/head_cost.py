@@ -1,4 +1,4 @@
-"""Cost of the isotropic heads relative to ``nn.Linear`` (CPU, one intra-op thread), side by side.
+r"""Cost of the isotropic heads relative to ``nn.Linear`` (CPU, one intra-op thread), side by side.
 
 Usage::
 
@@ -21,8 +21,12 @@ What is measured:
   beyond Linear's (:class:`FloorStep`): Linear's three matrix products (without the bias) plus one pass over
   each operand in each direction — the norms of the features and of the prototypes in the forward, and the
   parts of both gradients along the operands themselves (``beta_b x_b``, ``gamma_c p_c``, added in place to
-  the gradients the products wrote) in the backward. Each head is reported against Linear
-  and against the floor of the same rounds.
+  the gradients the products wrote) in the backward. And the **distance floor**
+  (:class:`DistanceFloorStep`): the floor plus the :math:`B \times C` work the gradient of any distance
+  implies — one in-place pass over the product forward, :math:`H = g / \mathrm{out}` in a new buffer and its
+  row and column sums backward. Each head is reported against Linear and against both floors of the same
+  rounds; the verdict (realistic case) is "met" at ≤ 1.05× Linear, "at the floor" at ≤ 1.05× the distance
+  floor.
 * **100k classes**: head + loss at (64, 2048, 100000) vs ``nn.Linear`` + ``F.cross_entropy``: time as above
   and the **peak memory** of one step, after a warm-up step and with every gradient released: the peak,
   during the step, of the bytes held by torch's CPU allocator above what was held when it started
@@ -36,7 +40,10 @@ Timing: process CPU time (``time.process_time``) with ``torch.set_num_threads(1)
 shared machine disturbs far less than wall time; all variants of a shape run in one process, interleaved
 (the order rotates every round); the ratio is the median over rounds of ``t(variant) / t(Linear)`` in the
 same round, with the interquartile range of those per-round ratios. All variants share one prototype
-matrix (Linear's weight), so memory stays at one C x D parameter and one gradient.
+matrix (Linear's weight), so memory stays at one C x D parameter and one gradient. glibc's malloc thresholds
+are fixed first, as the ``dismax`` command fixes them (``dismax_plugin/adapters/engine/_memory.py``), so no
+variant's step page-faults its buffers back in depending on what ran before it (``--system-malloc``: leave
+them; with glibc's moving defaults a step's backward was seen at 0 to ~1500 minor faults, run to run).
 """
 
 from __future__ import annotations
@@ -307,7 +314,7 @@ def profile_breakdown(config: tuple[int, int, int], steps: dict, rounds: int = 7
     print("| **sum of the medians** | " + " | ".join(f"{t:.2f}" for t in totals) + " |")
 
 
-def split_forward_backward(config: tuple[int, int, int], rounds: int = 22, warmup: int = 3) -> None:
+def split_forward_backward(config: tuple[int, int, int], rounds: int = 61, warmup: int = 3) -> None:
     """Forward and backward timed apart (process CPU time, interleaved, order rotating), each against the floor's
     forward and backward of the same round: which half of a head's step is above the floor."""
     batch, dim, classes = config
@@ -328,18 +335,23 @@ def split_forward_backward(config: tuple[int, int, int], rounds: int = 22, warmu
             middle = time.process_time()
             out.backward(upstream)
             end = time.process_time()
+            del out  # as in head_step: nothing of this step stays alive into the next one
             if r >= warmup:
                 times[name][0].append(middle - start)
                 times[name][1].append(end - middle)
     print(f"\nForward and backward apart at (B, D, C) = {config}, realistic case, median of {rounds} interleaved "
           "rounds; ratios to the floor's forward / backward of the same round\n")
-    print("| variant | forward ms | forward vs floor | backward ms | backward vs floor |")
-    print("|---|---|---|---|---|")
+    print("| variant | forward ms | forward vs floor | backward ms | backward vs floor | both vs floor | "
+          "both vs distance floor |")
+    print("|---|---|---|---|---|---|---|")
+    totals = {name: [f + b for f, b in zip(*times[name])] for name in names}
     for name in names:
         cells = []
         for half in (0, 1):
             ratio = statistics.median(a / b for a, b in zip(times[name][half], times["floor"][half]))
             cells += [f"{statistics.median(times[name][half]) * 1e3:.2f}", f"{ratio:.3f}×"]
+        cells += [f"{statistics.median(a / b for a, b in zip(totals[name], totals[base])):.3f}×"
+                  for base in ("floor", "distance floor")]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 

@@ -151,7 +151,7 @@ def _product(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     """``alpha * (a @ b)`` in a fresh tensor written by the matrix product itself (``beta = 0``: nothing is read
     first). A gradient's part along its own operand is added afterwards with one in-place ``addcmul_``, which
     is cheaper than writing it first and accumulating the product into it (a product with ``beta = 1`` reads
-    its output; measured: 114 ms vs 127 ms for the C x D gradient at (64, 2048, 21841))."""
+    its output; timed once: 114 ms vs 127 ms for the C x D gradient at (64, 2048, 21841))."""
     if alpha == 1.0:
         return torch.mm(a, b)
     return torch.addmm(a.new_zeros(()), a, b, beta=0.0, alpha=alpha)
