@@ -12,30 +12,21 @@ def head_cost(load_benchmark):
     return load_benchmark("head_cost")
 
 
-def test_floor_step_has_linears_output_and_the_documented_gradients(head_cost):
+@pytest.mark.parametrize("name", ["floor", "distance floor"])
+def test_floor_steps_have_the_documented_outputs_and_gradients(head_cost, name):
+    # floor: Linear's output; distance floor: its absolute value, and H = g / out in place of g backward
+    assert set(head_cost.FLOORS) == {"floor", "distance floor"}
     torch.manual_seed(0)
     x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
     g = torch.randn(5, 3, dtype=torch.float64)
-    out = head_cost.FloorStep.apply(x, w)
-    torch.testing.assert_close(out, x.detach() @ w.detach().t())
+    out = head_cost.FLOORS[name].apply(x, w)
+    product = x.detach() @ w.detach().t()
+    torch.testing.assert_close(out, product if name == "floor" else product.abs())
     out.backward(g)
-    torch.testing.assert_close(x.grad, g.sum(1, keepdim=True) * x.detach() + g @ w.detach())
-    torch.testing.assert_close(w.grad, g.sum(0).unsqueeze(1) * w.detach() + g.t() @ x.detach())
-
-
-def test_distance_floor_step_divides_the_upstream_gradient_by_its_output(head_cost):
-    torch.manual_seed(1)
-    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
-    g = torch.randn(5, 3, dtype=torch.float64)
-    out = head_cost.DistanceFloorStep.apply(x, w)
-    torch.testing.assert_close(out, (x.detach() @ w.detach().t()).abs())
-    out.backward(g)
-    h = g / out.detach()
+    h = g if name == "floor" else g / out.detach()
     torch.testing.assert_close(x.grad, h.sum(1, keepdim=True) * x.detach() + h @ w.detach())
     torch.testing.assert_close(w.grad, h.sum(0).unsqueeze(1) * w.detach() + h.t() @ x.detach())
-    assert head_cost.FLOORS == {"floor": head_cost.FloorStep, "distance floor": head_cost.DistanceFloorStep}
 
 
 def test_freed_memory_is_kept_on_glibc(head_cost):
