@@ -338,10 +338,8 @@ class IsoMaxPlusHead(PrototypeHead):
         """:math:`|s|\\,\\lVert \\hat f - \\hat p_j \\rVert` [B, C]."""
         return self.distance_scale.abs() * normalized_distances(features, self.weight)
 
-    def _factor(self, factor: torch.Tensor, constant: float = -1.0) -> torch.Tensor:
-        r""":math:`|s| \cdot` ``constant`` :math:`\cdot` ``factor``: the constant joins the factor (which needs no
-        gradient) before it meets the scale, so the scale's gradient passes through two nodes (abs, mul)."""
-        return self.distance_scale.abs() * (factor * constant)
+    def _factor(self, factor: torch.Tensor) -> torch.Tensor:
+        return self.distance_scale.abs() * -factor
 
     def _logits(self, features: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         return normalized_distances(features, self.weight, self._factor(factor))
@@ -363,7 +361,7 @@ class DisMaxHead(IsoMaxPlusHead):
     def _logits(self, features: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         # -(d + mean d) with d = |s| u / sqrt(2), u the normalised distances: the scalars fold into one factor
         # and the mean is added inside the distance node.
-        return normalized_distances(features, self.weight, self._factor(factor, -math.sqrt(0.5)), add_mean=True)
+        return normalized_distances(features, self.weight, self._factor(factor) / math.sqrt(2.0), add_mean=True)
 
 
 def _is_tracing() -> bool:
