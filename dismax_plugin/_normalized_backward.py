@@ -29,8 +29,7 @@ def stage(grad, d, own: bool, add_mean: bool, rows, cols, row_scale, q, ux, up):
     step = max(1, _BLOCK_ELEMENTS // max(classes, 1)) if d.device.type == "cpu" else max(batch, 1)
     flagged = rows.numel() > 0
     if step >= batch:  # one block: the sums come straight out
-        sums, pair_v, pair_d = _block(grad, d, k, add_mean, (rows, cols) if flagged else None, row_scale, q,
-                                            ux, up)
+        sums, pair_v, pair_d = _block(grad, d, k, add_mean, (rows, cols) if flagged else None, row_scale, q, ux, up)
         return k, sums, pair_v, pair_d
     parts, pairs = [], []
     bounds = torch.searchsorted(rows, torch.arange(0, batch + step, step, device=rows.device)).tolist() \
@@ -41,9 +40,9 @@ def stage(grad, d, own: bool, add_mean: bool, rows, cols, row_scale, q, ux, up):
         if bounds is not None and bounds[i + 1] > bounds[i]:
             local = (rows[bounds[i]:bounds[i + 1]] - start, cols[bounds[i]:bounds[i + 1]])
         part, pair_v, pair_d = _block(grad[block], d[block], k[block], add_mean, local, row_scale[block], q,
-                                            None if ux is None else ux[block], up)
+                                      None if ux is None else ux[block], up)
         parts.append(part)
-        if pair_v is not None:
+        if local is not None:
             pairs.append((pair_v, pair_d))
     sums = {name: torch.cat([part[name] for part in parts]) for name in ("rowsum_u", "rowsum_t")}
     sums.update({name: torch.stack([part[name] for part in parts]).sum(0) for name in ("colsum_u", "colsum_t")})
@@ -57,7 +56,8 @@ def stage(grad, d, own: bool, add_mean: bool, rows, cols, row_scale, q, ux, up):
 
 def _block(g, d, k, add_mean: bool, local, row_scale, q, ux, up):
     """One block of rows of :func:`stage` (``local``: the flagged pairs' indices within it, or
-    None); K is written into ``k``. Returns the block's sums and V and d at its flagged pairs (empty)."""
+    None); K is written into ``k``. Returns the block's sums and V and d at its flagged pairs (empty tensors
+    when it has none)."""
     v = torch.add(g, g.mean(dim=1, keepdim=True)) if add_mean else g
     pair_v = pair_d = d.new_empty(0)
     if local is not None:
