@@ -321,9 +321,8 @@ def split_forward_backward(config: tuple[int, int, int], rounds: int = 61, warmu
     linear, heads = build(dim, classes)
     upstream = torch.randn(batch, classes, generator=torch.Generator().manual_seed(2))
     x = features(batch, dim, linear.weight, "realistic", "")
-    calls = {"floor": lambda: FloorStep.apply(x, linear.weight),
-             "distance floor": lambda: DistanceFloorStep.apply(x, linear.weight), "Linear": lambda: linear(x),
-             **{name: (lambda head=head: head(x)) for name, head in heads.items()}}  # fmt: skip
+    calls = {**{name: (lambda step=step: step.apply(x, linear.weight)) for name, step in FLOORS.items()},
+             "Linear": lambda: linear(x), **{name: (lambda head=head: head(x)) for name, head in heads.items()}}
     names, times = list(calls), {name: ([], []) for name in calls}
     for r in range(warmup + rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:

@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 
-__all__ = ["TRIM_THRESHOLD", "MMAP_THRESHOLD", "keep_freed_memory"]
+__all__ = ["TRIM_THRESHOLD", "MMAP_THRESHOLD", "keep_freed_memory", "on_glibc"]
 
 TRIM_THRESHOLD = 256 << 20
 MMAP_THRESHOLD = 32 << 20  # glibc refuses more (HEAP_MAX_SIZE / 2 on 64-bit)
@@ -33,12 +32,18 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # the parameter numbers of <mallo
 _USER_CHOICES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "DISMAX_SYSTEM_MALLOC")
 
 
+def on_glibc() -> bool:
+    """Whether this process runs on glibc (``confstr``, no file read)."""
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (AttributeError, ValueError, OSError):  # no confstr (Windows) or no such name (musl, macOS)
+        return False
+
+
 def keep_freed_memory() -> bool:
     """Fix glibc's trim and mmap thresholds for this process (see the module documentation); returns whether
     they were set (False off glibc or when the environment makes the choice)."""
-    if any(os.environ.get(name) for name in _USER_CHOICES):
-        return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if any(os.environ.get(name) for name in _USER_CHOICES) or not on_glibc():
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

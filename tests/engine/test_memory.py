@@ -4,7 +4,6 @@ same buffers again is not page-faulted back, and the user's own choice wins."""
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 
@@ -12,9 +11,7 @@ import pytest
 
 from dismax_plugin.adapters.engine import _memory
 
-glibc = pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only"
-)
+glibc = pytest.mark.skipif(not _memory.on_glibc(), reason="glibc's malloc only")
 
 # Four 1 MiB tensors written and freed, 50 times after a warm-up; prints the minor page faults per cycle.
 _CYCLES = """
@@ -56,7 +53,8 @@ def test_fixed_thresholds_stop_the_page_faults_of_a_repeated_step():
 def test_the_dismax_command_fixes_them_before_it_runs():
     # a command that stops at once (bad option combination, exit 2) has already fixed the thresholds: it
     # overrides a process that started out giving every freed block back
-    run = ("import ctypes\nlibc = ctypes.CDLL('libc.so.6')\nlibc.mallopt(-1, 0)\nlibc.mallopt(-3, 131072)\n"
+    run = (f"import ctypes\nlibc = ctypes.CDLL('libc.so.6')\nlibc.mallopt({_memory._M_TRIM_THRESHOLD}, 0)\n"
+           f"libc.mallopt({_memory._M_MMAP_THRESHOLD}, 131072)\n"
            "from dismax_plugin.adapters.engine.cli import main\n"
            "assert main(['train', '--alias', 'best', '--no-track']) == 2")  # fmt: skip
     assert float(_run(run)[-1]) == 0
