@@ -210,21 +210,36 @@ class _EuclideanDistances(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------------------------- normalised
 def _normalized_kernel(x: torch.Tensor, prototypes: torch.Tensor, keep: bool = False):
-    r"""Normalised distances :math:`B \times C` (flagged pairs exact) and what the backward needs."""
+    r"""Normalised distances :math:`B \times C` (flagged pairs exact) and what the backward needs.
+
+    The common case has every row and prototype above the eps floor (:math:`|\hat v|^2 = 1`), so :math:`d^2 = 2 -
+    2\,q\,(a\,f \cdot p)` is built in the product's buffer and the floor is only looked for, in the same host
+    read as the near pairs; where some vector is at it, the offsets :math:`|\hat v|^2 - 1` are added then."""
     x_norm, p_norm = _row_norms(x), _row_norms(prototypes)
     a = x_norm.clamp_min(_NORM_EPS).reciprocal_()
     q = p_norm.clamp_min(_NORM_EPS).reciprocal_()
-    x_normal, p_normal = x_norm > _NORM_EPS, p_norm > _NORM_EPS
-    # |v^|^2 = (|v| / max(|v|, eps))^2: 1 above the floor, F.normalize's (|v|/eps)^2 at or below it
-    ux = (x_norm * a).square_().masked_fill_(x_normal, 1.0)
-    up = (p_norm * q).square_().masked_fill_(p_normal, 1.0)
-    # d^2 = |f^|^2 + |p^|^2 - 2 q (a f.p), built in place in the buffer of the matrix product
-    d = torch.mm(x, prototypes.t()).mul_(q).mul_(a.mul(-2.0).unsqueeze(1))
-    d.add_(ux.unsqueeze(1)).add_(up)
-    # rows at or below the floor (|v^| < 1, zero rows included) need the general cosine in the backward
-    any_near, floor_x, floor_p = _flags(d, 2.0 * _NEAR, (~x_normal).any(), (~p_normal).any())
+    d = torch.mm(x, prototypes.t()).mul_(q).mul_(a.mul(-2.0).unsqueeze(1)).add_(2.0)
+    # NaN-safe: a NaN norm is not at the floor (its row is NaN either way), a zero one beside it still is
+    any_near, at_floor = _flags(d, 2.0 * _NEAR, (torch.cat((x_norm, p_norm)) <= _NORM_EPS).any())
+    floors, floor_flags = (None, None, None, None), (False, False)
+    if at_floor:  # rare: |v^|^2 = (|v| / eps)^2 < 1 for |v| <= eps (zero rows included); they need the general cosine
+        x_normal, p_normal = x_norm > _NORM_EPS, p_norm > _NORM_EPS
+        ux = (x_norm * a).square_().masked_fill_(x_normal, 1.0)
+        up = (p_norm * q).square_().masked_fill_(p_normal, 1.0)
+        d.add_(ux.sub(1.0).unsqueeze(1)).add_(up.sub(1.0))
+        any_near, *floor_flags = _flags(d, 2.0 * _NEAR, (~x_normal).any(), (~p_normal).any())
+        floors = (ux, up, x_normal, p_normal)
     pairs = _root_and_recompute(d, x, prototypes, d <= 2.0 * _NEAR if any_near else None, True, keep)
-    return d, (a, q, ux, up, x_normal, p_normal, *pairs), (floor_x, floor_p)
+    return d, (a, q, *floors, *pairs), tuple(floor_flags)
+
+
+def _unit_squares(ux, up, x_normal, p_normal, a, q):
+    r"""The floor data of :func:`_normalized_kernel`, made where it was not needed (no vector at the floor):
+    :math:`|\hat v|^2 = 1`, every vector above the floor."""
+    if ux is not None:
+        return ux, up, x_normal, p_normal
+    return (torch.ones_like(a), torch.ones_like(q), torch.ones_like(a, dtype=torch.bool),
+            torch.ones_like(q, dtype=torch.bool))
 
 
 class _NormalizedDistances(torch.autograd.Function):
@@ -272,6 +287,7 @@ class _NormalizedDistances(torch.autograd.Function):
             return None, None, grad_s, None
         pairs = None
         if rows.numel():
+            ux, up, x_normal, p_normal = _unit_squares(ux, up, x_normal, p_normal, a, q)
             pairs = _pair_terms(pair_v * s, pair_d, a[rows], q[cols], ux[rows], up[cols], x_normal[rows],
                                 p_normal[cols])
         gamma = beta = grad_p = None

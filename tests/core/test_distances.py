@@ -350,6 +350,26 @@ def test_tiny_rows_follow_f_normalize_on_both_paths(path):
             torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5 * float(w.abs().max()))
 
 
+@pytest.mark.parametrize("side", ["features", "prototypes"])
+@pytest.mark.parametrize("path", ["fused", "no_grad"])
+def test_a_vector_at_the_floor_on_one_side_is_found_beside_a_nan_row(side, path):
+    # the kernel builds d^2 as if every vector were above the eps floor and adds |v^|^2 - 1 only when one is at
+    # it: a zero vector must be found on either side, and a NaN row beside it must not hide it
+    x, p = randn(4, 6, seed=52), randn(5, 6, seed=53)
+    (x if side == "features" else p)[1] = 0.0
+    x[3] = float("nan")
+    x.requires_grad_(path == "fused")
+    p.requires_grad_(path == "fused")
+    got = PATHS.get(path, normalized_distances)(x, p)
+    want = plain_normalized(x.detach(), p.detach())
+    assert torch.isnan(got[3]).all()
+    torch.testing.assert_close(got[:3], want[:3], rtol=1e-12, atol=1e-12)
+    if side == "features":
+        torch.testing.assert_close(got[1].detach(), torch.ones(5, dtype=torch.float64))  # |0 - p^| = 1
+    else:
+        torch.testing.assert_close(got[:3, 1].detach(), torch.ones(3, dtype=torch.float64))
+
+
 def scaled_plain(kind, x, p, scale):
     d = (plain_euclidean if kind == "euclidean" else plain_normalized)(x, p)
     d = d + d.mean(dim=1, keepdim=True) if kind == "dismax" else d
