@@ -3,7 +3,7 @@
 Sections, each printing ratios measured side by side (interleaved rounds, medians of per-round ratios):
 
 1. **heads**: forward + backward of IsoMax, IsoMax+ and DisMax heads vs ``nn.Linear`` at B = 256, D = 2048,
-   C = 1000 / 21841 / 100000, in float32 (with the two floors of ``head_cost.py``, measured side by side) and
+   C = 1000 / 21841 / 100000, in float32 (with the floors of ``head_cost.py``, measured side by side) and
    under bfloat16 and float16 autocast; peak CUDA memory of one step vs Linear's.
 2. **nccl**: ``init_process_group("nccl")`` with world size 1 (a file store), an ``all_reduce`` and one DDP step
    of a DisMax head.
@@ -119,7 +119,7 @@ def _head_steps(device, batch, dim, classes, mode):
             module.zero_grad(set_to_none=True)
             x.grad = None
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                out = FLOORS[floor].apply(x, module.weight) if floor else module(x)
+                out = FLOORS[floor](x, module.weight) if floor else module(x)
             out.float().backward(upstream)
 
         return step

@@ -42,7 +42,7 @@ def test_smoke_mode_runs_the_head_and_process_group_sections(gpu_check, capsys):
     out = capsys.readouterr().out
     for mode in ("float32", "bf16", "fp16"):
         assert f"| 50 | {mode} |" in out
-    assert "| floor (fp32) | distance floor (fp32) |" in out  # the floors measured next to the heads in float32
+    assert "| floor (fp32) | distance floor (fp32) | normalised floor (fp32) | normalised floor + mean (fp32) |" in out
     assert "float32 | " in out and out.split("| 50 | float32 |")[1].split("\n")[0].rstrip().endswith("× |")
     assert "world size 1: all_reduce [3.0, 3.0, 3.0, 3.0]" in out and "gradients finite: True" in out
     assert "failed: nothing" in out
