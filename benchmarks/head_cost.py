@@ -24,9 +24,13 @@ What is measured:
   the gradients the products wrote) in the backward. And the **distance floor**
   (:class:`DistanceFloorStep`): the floor plus the :math:`B \times C` work the gradient of any distance
   implies — one in-place pass over the product forward, :math:`H = g / \mathrm{out}` in a new buffer and its
-  row and column sums backward. Each head is reported against Linear and against both floors of the same
-  rounds; the verdict (realistic case) is "met" at ≤ 1.05× Linear, "at the floor" at ≤ 1.05× the distance
-  floor.
+  row and column sums backward. And the **normalised floors** (:class:`NormalizedFloorStep`, with and without
+  DisMax's row mean): the normalised formula itself in the fewest eager operations found — the cosine's row
+  and column scalings of the product in both directions, the sums of :math:`U = g d` and :math:`T = g / d`
+  for the gradients' parts along :math:`x` and :math:`P` — with no exactness, eps floor or scale. Each head is
+  reported against Linear, the floor, the distance floor and the floor of its own formula
+  (:data:`HEAD_FLOORS`) of the same rounds; the verdict (realistic case) is "met" at ≤ 1.05× Linear, "at the
+  distance floor" at ≤ 1.05× the distance floor, "at its floor" at ≤ 1.05× its own floor.
 * **100k classes**: head + loss at (64, 2048, 100000) vs ``nn.Linear`` + ``F.cross_entropy``: time as above
   and the **peak memory** of one step, after a warm-up step and with every gradient released: the peak,
   during the step, of the bytes held by torch's CPU allocator above what was held when it started
@@ -144,10 +148,13 @@ class NormalizedFloorStep(torch.autograd.Function):
     :math:`\nabla_x = K P + \beta x`, :math:`\nabla_P = K^\top x + \gamma P` with :math:`K = -a\,T\,q`,
     :math:`\beta = a^2 (\mathrm{rowsum}\,T - \mathrm{rowsum}\,U / 2)`, :math:`\gamma` the same per column
     (for :math:`C \ge 3D`, :math:`\beta` from the tangent projection of :math:`K P`, as the heads do); DisMax's
-    mean adds :math:`V = g + \mathrm{rowmean}(g)` in place of :math:`g`. Measured and not cheaper at
-    (256, 2048, 1000): scaling the operands instead of the product (:math:`B \times D` and :math:`C \times D` are
-    larger than :math:`B \times C` there), the tangent projections for both parts, an in-place output.
-    A head does this plus its scale, its exactness and its eps-floor handling.
+    mean adds :math:`V = g + \mathrm{rowmean}(g)` in place of :math:`g`. Not cheaper at (256, 2048, 1000), timed
+    once each: the sums of :math:`U` without forming it (``bmm``, ``einsum``, ``linalg.vecdot``: 1.6–4.6× the
+    time of ``g * d`` and two sums), the output scaled in place and kept for the backward instead of :math:`d`
+    (the same step time). Scaling the operands instead of the product, or the tangent projection for the part
+    along :math:`P`, would pass over :math:`B \times D` or :math:`C \times D` matrices, larger than the
+    :math:`B \times C` one there (not timed). A head does this plus its scale, its exactness and its eps-floor
+    handling.
     """
 
     @staticmethod
@@ -400,8 +407,8 @@ def split_forward_backward(config: tuple[int, int, int], rounds: int = 61, warmu
     print(f"\nForward and backward apart at (B, D, C) = {config}, realistic case, median of {rounds} interleaved "
           "rounds; ratios to the floor's forward / backward of the same round\n")
     print("| variant | forward ms | forward vs floor | backward ms | backward vs floor | both vs floor | "
-          "both vs distance floor |")
-    print("|---|---|---|---|---|---|---|")
+          "both vs distance floor | both vs its floor |")
+    print("|---|---|---|---|---|---|---|---|")
     totals = {name: [f + b for f, b in zip(*times[name])] for name in names}
     for name in names:
         cells = []
@@ -409,7 +416,8 @@ def split_forward_backward(config: tuple[int, int, int], rounds: int = 61, warmu
             ratio = statistics.median(a / b for a, b in zip(times[name][half], times["floor"][half]))
             cells += [f"{statistics.median(times[name][half]) * 1e3:.2f}", f"{ratio:.3f}×"]
         cells += [f"{statistics.median(a / b for a, b in zip(totals[name], totals[base])):.3f}×"
-                  for base in ("floor", "distance floor")]
+                  for base in ("floor", "distance floor", HEAD_FLOORS.get(name)) if base]
+        cells += [] if name in HEAD_FLOORS else ["—"]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 

@@ -177,7 +177,7 @@ def test_temperature_divides_the_logits(cls):
 
 # The defaults chosen by benchmarks/digits_quality.py's rule (README "OOD quality on the digits benchmark").
 @pytest.mark.parametrize("name, cls, default_score", [
-    ("isomax", IsoMaxHead, "mps"), ("isomaxplus", IsoMaxPlusHead, "mds"), ("dismax", DisMaxHead, "mps")])
+    ("isomax", IsoMaxHead, "mps"), ("isomaxplus", IsoMaxPlusHead, "mps"), ("dismax", DisMaxHead, "mps")])
 def test_registry_and_default_scores(name, cls, default_score):
     assert HEADS[name] is cls and cls.default_score == default_score
     head = create_head(name.upper(), 4, 3)
