@@ -415,9 +415,9 @@ def split_forward_backward(config: tuple[int, int, int], rounds: int = 61, warmu
         for half in (0, 1):
             ratio = statistics.median(a / b for a, b in zip(times[name][half], times["floor"][half]))
             cells += [f"{statistics.median(times[name][half]) * 1e3:.2f}", f"{ratio:.3f}×"]
-        cells += [f"{statistics.median(a / b for a, b in zip(totals[name], totals[base])):.3f}×"
-                  for base in ("floor", "distance floor", HEAD_FLOORS.get(name)) if base]
-        cells += [] if name in HEAD_FLOORS else ["—"]
+        for base in ("floor", "distance floor", HEAD_FLOORS.get(name)):  # no floor of its own: "—"
+            cells.append(f"{statistics.median(a / b for a, b in zip(totals[name], totals[base])):.3f}×" if base
+                         else "—")
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 

@@ -7,8 +7,8 @@ activations and gradients every step, so with moving thresholds some steps retur
 system and page-fault them in again on the next step (zeroed by the kernel first). Measured with ``dismax
 train`` on the digits folder (resnet10t, 32 px, batch 50, one thread): about 97 000 minor page faults per
 epoch with glibc's defaults, and no more per epoch with the thresholds fixed (runs of 2 and 8 epochs took the
-same number); its epoch time against timm's ``train.py`` went from 1.028x to 0.971x
-(``benchmarks/train_py_epoch.py``, README).
+same number); its epoch time against timm's ``train.py`` went from 1.028x to 0.971x on stop 24's machine
+(``benchmarks/train_py_epoch.py``; README has the current figure).
 
 :func:`keep_freed_memory` fixes them: trim threshold 256 MiB, mmap threshold 32 MiB (glibc's largest).
 That keeps up to 256 MiB of freed memory in the process for reuse, much as PyTorch's caching allocator
