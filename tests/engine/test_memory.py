@@ -4,6 +4,7 @@ same buffers again is not page-faulted back, and the user's own choice wins."""
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 
@@ -13,19 +14,26 @@ from dismax_plugin.adapters.engine import _memory
 
 glibc = pytest.mark.skipif(not _memory.on_glibc(), reason="glibc's malloc only")
 
-# Four 1 MiB tensors written and freed, 50 times after a warm-up; prints the minor page faults per cycle.
+# Four 1 MiB tensors (1024 pages) written and freed in a cycle. After a warm-up, prints the minor page faults
+# per cycle of the quietest of five windows: a few faults that are not the allocator's (the kernel's own page
+# work, the heap layout settling after a command) do not decide the test, a cycle whose buffers went back to the
+# system faults about all of its pages in again.
+_PAGES = 4 * (1 << 20) // resource.getpagesize()
 _CYCLES = """
 import resource, sys, torch
 {setup}
 def cycle():
     buffers = [torch.empty(1 << 18).fill_(1.0) for _ in range(4)]
     del buffers
-for _ in range(3):
+for _ in range(10):
     cycle()
-start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(50):
-    cycle()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 50)
+windows = []
+for _ in range(5):
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        cycle()
+    windows.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 20)
+print(min(windows))
 """
 _KEEP = "from dismax_plugin.adapters.engine._memory import keep_freed_memory\nprint(keep_freed_memory())"
 # glibc told to give every freed block back at once: what its moving default thresholds do in some states
@@ -42,9 +50,9 @@ def _run(setup: str, **env: str) -> list[str]:
 @glibc
 def test_fixed_thresholds_stop_the_page_faults_of_a_repeated_step():
     applied, faults = _run(_KEEP, **_GIVE_BACK)[-2:]  # the user's thresholds win: nothing is changed
-    assert applied == "False" and float(faults) > 100  # the 4 MiB go back to the system and fault in again
+    assert applied == "False" and float(faults) > _PAGES / 2  # the 4 MiB go back to the system and fault in again
     applied, faults = _run(_KEEP)[-2:]
-    assert applied == "True" and float(faults) == 0
+    assert applied == "True" and float(faults) < _PAGES / 16
     applied, faults = _run(_KEEP, DISMAX_SYSTEM_MALLOC="1")[-2:]
     assert applied == "False"
 
@@ -57,8 +65,8 @@ def test_the_dismax_command_fixes_them_before_it_runs():
            f"libc.mallopt({_memory._M_MMAP_THRESHOLD}, 131072)\n"
            "from dismax_plugin.adapters.engine.cli import main\n"
            "assert main(['train', '--alias', 'best', '--no-track']) == 2")  # fmt: skip
-    assert float(_run(run)[-1]) == 0
-    assert float(_run(run.split("from dismax")[0])[-1]) > 100  # without the command: faults
+    assert float(_run(run)[-1]) < _PAGES / 16
+    assert float(_run(run.split("from dismax")[0])[-1]) > _PAGES / 2  # without the command: faults
 
 
 @pytest.mark.parametrize("name", ["MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "DISMAX_SYSTEM_MALLOC"])
