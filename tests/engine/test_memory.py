@@ -18,12 +18,14 @@ glibc = pytest.mark.skipif(not _memory.on_glibc(), reason="glibc's malloc only")
 # per cycle of the quietest of five windows: a few faults that are not the allocator's (the kernel's own page
 # work, the heap layout settling after a command) do not decide the test, a cycle whose buffers went back to the
 # system faults about all of its pages in again.
-_PAGES = 4 * (1 << 20) // resource.getpagesize()
+_BUFFER_FLOATS = 1 << 18  # 1 MiB of float32
+_PAGES = 4 * _BUFFER_FLOATS * 4 // resource.getpagesize()
+_KEPT_BELOW, _GIVEN_BACK_ABOVE = _PAGES / 16, _PAGES / 2  # faults per cycle
 _CYCLES = """
-import resource, sys, torch
+import resource, torch
 {setup}
 def cycle():
-    buffers = [torch.empty(1 << 18).fill_(1.0) for _ in range(4)]
+    buffers = [torch.empty({floats}).fill_(1.0) for _ in range(4)]
     del buffers
 for _ in range(10):
     cycle()
@@ -43,16 +45,17 @@ _GIVE_BACK = {"MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_MMAP_THRESHOLD_": "131072"}
 def _run(setup: str, **env: str) -> list[str]:
     environment = {k: v for k, v in os.environ.items() if k not in _memory._USER_CHOICES}
     environment.update(env)
-    return subprocess.run([sys.executable, "-c", _CYCLES.format(setup=setup)], env=environment, check=True,
-                          capture_output=True, text=True).stdout.split()  # fmt: skip
+    script = _CYCLES.format(setup=setup, floats=_BUFFER_FLOATS)
+    return subprocess.run([sys.executable, "-c", script], env=environment, check=True, capture_output=True,
+                          text=True).stdout.split()  # fmt: skip
 
 
 @glibc
 def test_fixed_thresholds_stop_the_page_faults_of_a_repeated_step():
     applied, faults = _run(_KEEP, **_GIVE_BACK)[-2:]  # the user's thresholds win: nothing is changed
-    assert applied == "False" and float(faults) > _PAGES / 2  # the 4 MiB go back to the system and fault in again
+    assert applied == "False" and float(faults) > _GIVEN_BACK_ABOVE  # the 4 MiB go back and fault in again
     applied, faults = _run(_KEEP)[-2:]
-    assert applied == "True" and float(faults) < _PAGES / 16
+    assert applied == "True" and float(faults) < _KEPT_BELOW
     applied, faults = _run(_KEEP, DISMAX_SYSTEM_MALLOC="1")[-2:]
     assert applied == "False"
 
@@ -65,8 +68,8 @@ def test_the_dismax_command_fixes_them_before_it_runs():
            f"libc.mallopt({_memory._M_MMAP_THRESHOLD}, 131072)\n"
            "from dismax_plugin.adapters.engine.cli import main\n"
            "assert main(['train', '--alias', 'best', '--no-track']) == 2")  # fmt: skip
-    assert float(_run(run)[-1]) < _PAGES / 16
-    assert float(_run(run.split("from dismax")[0])[-1]) > _PAGES / 2  # without the command: faults
+    assert float(_run(run)[-1]) < _KEPT_BELOW
+    assert float(_run(run.split("from dismax")[0])[-1]) > _GIVEN_BACK_ABOVE  # without the command: faults
 
 
 @pytest.mark.parametrize("name", ["MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "DISMAX_SYSTEM_MALLOC"])
